@@ -231,8 +231,21 @@ class _TiffBackend(_Backend):
                     raise SlideError(self.path, "is incomplete: some image tiles have no data")
 
     def read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> RGBArray:
-        arr = self._slide.read_region(location, level, size, as_array=True)
-        return _to_rgb(np.asarray(arr))
+        # tiffslide pads outside the image with black; glass is white, so read the inside part and paste it
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        x, y = location
+        lx, ly = math.floor(x / ds), math.floor(y / ds)
+        w, h = size
+        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, lw), min(ly + h, lh)
+        if (x0, y0, x1, y1) == (lx, ly, lx + w, ly + h):
+            return _to_rgb(np.asarray(self._slide.read_region(location, level, size, as_array=True)))
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        if x1 > x0 and y1 > y0:
+            loc0 = (round(x0 * ds) if x0 != lx else x, round(y0 * ds) if y0 != ly else y)
+            part = self._slide.read_region(loc0, level, (x1 - x0, y1 - y0), as_array=True)
+            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = _to_rgb(np.asarray(part))
+        return out
 
     def close(self) -> None:
         self._slide.close()

@@ -30,7 +30,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from al_core.errors import ProjectError, SchemaError
@@ -168,6 +168,10 @@ class ModelRow(Base):
     metrics: Mapped[str] = mapped_column(Text, default="{}")
     history: Mapped[str] = mapped_column(Text, default="[]")
     label_versions: Mapped[str] = mapped_column(Text, default="{}")
+    #: training settings (epochs, lr, batch, device, precision...) as JSON
+    hparams: Mapped[str] = mapped_column(Text, default="{}")
+    #: the training set as JSON: {"train": [patch ids], "val": [patch ids]}
+    patches: Mapped[str] = mapped_column(Text, default="{}")
     wall_time: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
@@ -185,6 +189,10 @@ class PatchScoreRow(Base):
     disagreement: Mapped[float | None] = mapped_column(Float, nullable=True)
     label_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     prediction: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: label-vs-prediction pixel confusion (JSON C×C, model channels) for labelled patches, so metrics are a query
+    confusion: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: fraction of the patch's pixels predicted as each non-background channel (JSON list)
+    fractions: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 _IMMEDIATE = {"slideloop_immediate": True}
@@ -218,7 +226,7 @@ class Store:
     def _check_schema(self, migrations: dict[int, Migration]) -> None:
         try:
             tables = set(inspect(self.engine).get_table_names())
-        except OperationalError as err:
+        except DatabaseError as err:
             raise ProjectError(f"{self.url}: not a readable database ({err.orig})") from err
         if "meta" not in tables:
             raise ProjectError(f"{self.url}: not a slideloop project database (no meta table)")

@@ -48,6 +48,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--author", default="import")
     add_json_arg(p)
     p.set_defaults(func=cmd_labels_import)
+    p = lsub.add_parser("preannotate", help="rough first-pass labels from a hematoxylin threshold (to correct)")
+    add_project_arg(p)
+    p.add_argument("--slide", help="slide name (default: every slide without labels)")
+    p.add_argument("--class", dest="class_name", help="class to label (default: the first non-background class)")
+    add_json_arg(p)
+    p.set_defaults(func=cmd_labels_preannotate)
     p = lsub.add_parser("export", help="write current labels as QuPath GeoJSON")
     add_project_arg(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT.geojson")
@@ -117,6 +123,36 @@ def cmd_labels_import(args: argparse.Namespace) -> int:
             print(f"{r['file']}: {r['shapes']} shape(s) -> slide {r['slide']} label version {r['version']}")
             for n in r["notes"]:
                 print(f"  note: {n}", file=sys.stderr)
+    return 0
+
+
+def cmd_labels_preannotate(args: argparse.Namespace) -> int:
+    from al_core.preannotate import preannotate
+
+    results = []
+    with open_project(args) as proj:
+        classes = [c for c in proj.classes() if c.idx != 0 and not c.ignore]
+        if args.class_name:
+            classes = [c for c in classes if c.name.lower() == args.class_name.lower()]
+            if not classes:
+                raise ValueError(f"unknown class {args.class_name!r}")
+        cls = classes[0]
+        rows = [proj.slide_row(args.slide)] if args.slide else [
+            r for r in proj.slides() if proj.label_version(r.id) == 0]
+        for row in rows:
+            tissue = proj.tissue(row)
+            with proj.open_slide(row) as slide:
+                shapes = preannotate(slide, cls.idx, tissue.mask, tissue.downsample)
+            version = proj.add_label_version(row.id, shapes, author="preannotate",
+                                             source="hematoxylin threshold", message="pre-annotation (uncorrected)")
+            results.append({"slide": row.name, "class": cls.name, "version": version,
+                            "area_fraction": round(sum(g.area for _, g in shapes) / (row.width * row.height), 4)})
+    if args.json:
+        emit_json(results)
+    else:
+        for r in results:
+            print(f"{r['slide']}: {r['class']} pre-annotation over {r['area_fraction']:.1%} of the slide "
+                  f"(label version {r['version']}; uncorrected — review it)")
     return 0
 
 

@@ -1,0 +1,62 @@
+"""The CLI as a user runs it: a subprocess per command on the bundled sample."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli
+
+
+def test_cli_end_to_end_on_sample(tmp_path, sample_svs, sample_pyramid, sample_geojson):
+    proj = tmp_path / "proj"
+    run_cli("init", str(proj), "--classes", "Epithelium:#c80000")
+    out = run_cli("add", str(proj), str(sample_svs), "--json")
+    assert json.loads(out.stdout)[0]["name"] == "CMU-1-Small-Region"
+    run_cli("add", str(proj), str(sample_pyramid), "--name", "pyr")
+    grid = json.loads(run_cli("grid", str(proj), "--patch", "256", "--json").stdout)
+    assert grid["spec"]["patch"] == 256 and all(s["patches"] > 0 for s in grid["slides"])
+    imp = run_cli("labels", "import", str(proj), str(sample_geojson))
+    assert "label version 1" in imp.stdout
+    pre = json.loads(run_cli("labels", "preannotate", str(proj), "--json").stdout)
+    assert [r["slide"] for r in pre] == ["pyr"] and 0.05 < pre[0]["area_fraction"] < 0.4
+    st = json.loads(run_cli("status", str(proj), "--json").stdout)
+    assert st["totals"]["slides"] == 2 and st["totals"]["labelled"] > 0
+    assert st["totals"]["labelled"] + st["totals"]["unlabelled"] == st["totals"]["patches"]
+    text = run_cli("status", str(proj)).stdout
+    assert "CMU-1-Small-Region" in text and "labelled" in text
+    exported = tmp_path / "out.geojson"
+    run_cli("labels", "export", str(proj), "-o", str(exported), "--slide", "pyr")
+    assert json.loads(exported.read_text())["type"] == "FeatureCollection"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["status", "{tmp}/nowhere"], "not a slideloop project"),
+        (["add", "{proj}", "{tmp}/missing.svs"], "missing.svs: file not found"),
+        (["add", "{proj}", "{tmp}/notes.txt"], "notes.txt: unsupported file type .txt"),
+        (["labels", "import", "{proj}", "{tmp}/broken.geojson"], "broken.geojson: not valid JSON"),
+        (["grid", "{proj}", "--overlap", "600"], "overlap must be in"),
+        (["init", "{tmp}/x", "--classes", "Tumor"], "expected NAME:#RRGGBB"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    proj = tmp_path / "proj"
+    run_cli("init", str(proj))
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "broken.geojson").write_text("{")
+    argv = [a.format(tmp=tmp_path, proj=proj) for a in args]
+    res = run_cli(*argv, check=False)
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_version_and_help():
+    from al_core import __version__
+
+    assert run_cli("--version").stdout.strip() == f"slideloop {__version__}"
+    helptext = run_cli("--help").stdout
+    for cmd in ("init", "add", "grid", "labels", "status"):
+        assert cmd in helptext
