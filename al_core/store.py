@@ -195,6 +195,25 @@ class PatchScoreRow(Base):
     fractions: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class JobRow(Base):
+    """A compute job (train, predict, grid) queued on the Dask cluster; the worker writes its progress here."""
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    params: Mapped[str] = mapped_column(Text, default="{}")
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    dask_key: Mapped[str] = mapped_column(String(128))
+    author: Mapped[str] = mapped_column(String(128), default="")
+    submitted: Mapped[float] = mapped_column(Float)
+    started: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished: Mapped[float | None] = mapped_column(Float, nullable=True)
+    progress: Mapped[str] = mapped_column(Text, default="{}")
+    result: Mapped[str] = mapped_column(Text, default="{}")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
 _IMMEDIATE = {"slideloop_immediate": True}
 
 #: migrations from schema N to N+1, each run inside the upgrade transaction
@@ -310,6 +329,7 @@ __all__ = [
     "AnnotationRow",
     "ClassRow",
     "GridRow",
+    "JobRow",
     "LabelVersionRow",
     "Meta",
     "ModelRow",
