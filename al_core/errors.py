@@ -33,3 +33,16 @@ class LabelError(SlideloopError):
         self.source = str(source)
         self.problem = problem
         super().__init__(f"{self.source}: {problem}")
+
+
+class TrainingError(SlideloopError):
+    """Training cannot start or run: no labelled patches, a single class present, a bad setting."""
+
+
+class CheckpointError(SlideloopError):
+    """A model checkpoint is missing, corrupt, or does not fit the project (class set, architecture)."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")

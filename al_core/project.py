@@ -28,10 +28,10 @@ from al_core.grid import GridSpec, grid_boxes, tissue_fractions
 from al_core.labels import (
     ImportReport,
     hex_to_rgb,
+    rasterize,
     read_geojson,
     read_label_image,
     read_mask_tiles,
-    rasterize,
     to_geojson,
 )
 from al_core.slides import Slide, open_slide
@@ -48,6 +48,8 @@ from al_core.store import (
 from al_core.tissue import TissueMask, compute_tissue
 
 DB_NAME = "project.db"
+#: environment variable with an SQLAlchemy URL that replaces the project's SQLite file (shared PostgreSQL)
+DB_URL_ENV = "SLIDELOOP_DB_URL"
 BACKGROUND = "Background"
 DEFAULT_CLASSES = ("Epithelium:#c80000",)
 
@@ -110,7 +112,10 @@ class Project:
 
     @classmethod
     def open(cls, root: str | os.PathLike[str], db_url: str | None = None) -> Project:
+        """Open a project folder; its database is ``db_url``, ``$SLIDELOOP_DB_URL`` (e.g. a shared PostgreSQL)
+        or the folder's own SQLite file."""
         path = Path(root)
+        db_url = db_url or os.environ.get(DB_URL_ENV) or None
         if db_url is None and not (path / DB_NAME).is_file():
             raise ProjectError(f"{path}: not a slideloop project (no {DB_NAME}; create one with 'slideloop init')")
         return cls(path, Store(db_url or _sqlite_url(path)))

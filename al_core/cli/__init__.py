@@ -12,7 +12,8 @@ from al_core import __version__
 from al_core.errors import SlideloopError
 
 #: modules whose ``register`` adds subcommands, in help order
-COMMAND_MODULES = ("al_core.cli.project_cmds",)
+COMMAND_MODULES = ("al_core.cli.project_cmds", "al_core.cli.model_cmds", "al_core.cli.app_cmds",
+                   "al_core.cli.deploy_cmds")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,175 @@
+"""Model commands: train, predict, rank, metrics."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from al_core.cli._common import add_json_arg, add_project_arg, emit_json, format_table, open_project
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("train", help="train a U-Net on the labelled patches; stores a new model version")
+    add_project_arg(p)
+    p.add_argument("--from", dest="from_model", metavar="MODEL",
+                   help="continue from 'latest' or a model id (weights and optimizer state)")
+    p.add_argument("--encoder", help="smp encoder (default resnet18 on CPU, resnet34 on CUDA)")
+    p.add_argument("--encoder-weights", choices=["imagenet"],
+                   help="start from pretrained encoder weights (downloads them once; default: none)")
+    p.add_argument("--encoder-depth", type=int, default=5, help="encoder stages used (3–5; fewer is faster)")
+    p.add_argument("--decoder-channels", type=int, nargs="+", metavar="N",
+                   help="decoder widths, one per encoder stage (default 256 128 64 32 16)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="Adam L2 penalty")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="labelled patches held out for validation")
+    p.add_argument("--patience", type=int, default=5, help="early stop after this many epochs without improvement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
+    p.add_argument("--no-augment", action="store_true", help="train without the paper's augmentation")
+    p.add_argument("--class-weights", action="store_true", help="median-frequency class weights in the loss")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    add_json_arg(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="predict every patch with a model version; store probabilities and scores")
+    add_project_arg(p)
+    p.add_argument("--model", default="latest", help="model id or 'latest' (default)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--factor", type=int, default=4, help="store probability maps reduced by this factor")
+    p.add_argument("--tta", action="store_true", help="also score flip test-time-augmentation disagreement")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    add_json_arg(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("rank", help="the review queue: worst-IoU labelled or most uncertain unlabelled patches")
+    add_project_arg(p)
+    p.add_argument("--model", default="latest")
+    p.add_argument("--by", default=None, choices=["iou", "entropy", "disagreement", "random"],
+                   help="iou (labelled patches, default) or uncertainty/random (unlabelled patches)")
+    p.add_argument("--unlabelled", action="store_true", help="rank unlabelled patches (by entropy unless --by)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--fraction", type=float, default=0.05, help="share of candidates to list (default 0.05)")
+    size.add_argument("--count", type=int, help="number of patches to list")
+    p.add_argument("--per-slide", action="store_true", help="take the fraction/count within each slide")
+    p.add_argument("--seed", type=int, default=0, help="seed of --by random")
+    p.add_argument("--csv", metavar="OUT.csv", help="also write the queue as CSV")
+    add_json_arg(p)
+    p.set_defaults(func=cmd_rank)
+
+    p = sub.add_parser("metrics", help="pixel accuracy, IoU, Dice per patch → per slide → over slides")
+    add_project_arg(p)
+    p.add_argument("--model", default="latest")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--test-slides", nargs="+", metavar="SLIDE", help="slides of the test set")
+    split.add_argument("--test-fraction", type=float, default=0.0, help="random share of slides for the test set")
+    p.add_argument("--seed", type=int, default=0)
+    add_json_arg(p)
+    p.set_defaults(func=cmd_metrics)
+
+
+def _model_ref(value: str | None) -> int | str | None:
+    return int(value) if value is not None and value.isdigit() else value
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from al_core.train import Progress, TrainOptions, train
+
+    opts = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                        val_fraction=args.val_fraction, patience=args.patience, seed=args.seed,
+                        max_steps=args.max_steps, augment=not args.no_augment, class_weights=args.class_weights,
+                        device=args.device, precision=args.precision)
+
+    def progress(p: Progress) -> None:
+        if p.event == "epoch":
+            m = p.metrics
+            val = f"  val loss {m['val_loss']:.4f}  val IoU {m['val_macro_iou']:.3f}" if "val_loss" in m else ""
+            print(f"epoch {p.epoch}: train loss {m['train_loss']:.4f}{val}  ({m['seconds']:.1f} s)"
+                  f"{'  *' if m.get('best') else ''}", file=sys.stderr)
+        elif p.event in ("start", "note"):
+            print(p.message, file=sys.stderr)
+
+    with open_project(args) as proj:
+        res = train(proj, opts, from_model=_model_ref(args.from_model), encoder=args.encoder,
+                    encoder_weights=args.encoder_weights, encoder_depth=args.encoder_depth,
+                    decoder_channels=tuple(args.decoder_channels) if args.decoder_channels else None, progress=None if args.json else progress)
+    if args.json:
+        emit_json(res.to_dict())
+    else:
+        best = res.metrics
+        print(f"model {res.model_id}: {res.status}, best epoch {res.best_epoch}, "
+              f"loss {best.get('val_loss', best.get('train_loss', float('nan'))):.4f}, "
+              f"{res.wall_time:.1f} s on {res.device} ({res.precision}); checkpoint {res.checkpoint}")
+    return 0 if res.status == "done" else 1
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from al_core.predict import predict
+
+    with open_project(args) as proj:
+        res = predict(proj, _model_ref(args.model), batch_size=args.batch_size, factor=args.factor, tta=args.tta,
+                      device=args.device, precision=args.precision)
+    if args.json:
+        emit_json(res.to_dict())
+    else:
+        print(f"model {res.model_id}: predicted {res.patches} patches ({res.labelled} labelled) in "
+              f"{res.seconds:.1f} s on {res.device} ({res.precision}) -> {res.directory}")
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from al_core.rank import review_queue
+
+    by = args.by or ("entropy" if args.unlabelled else "iou")
+    with open_project(args) as proj:
+        queue = review_queue(proj, _model_ref(args.model), by=by, fraction=args.fraction, count=args.count,
+                             per_slide=args.per_slide, seed=args.seed)
+    model_id = int(queue.attrs["model_id"])
+    cols = ["rank", "patch_id", "slide", "col", "row", "x", "y", "size", "labelled", "iou", "dice", "entropy",
+            "disagreement"]
+    queue = queue[cols]
+    if args.csv:
+        from al_core._io import atomic_write_bytes
+
+        atomic_write_bytes(args.csv, queue.to_csv(index=False).encode())
+    records: list[dict[str, Any]] = [
+        {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+        for r in queue.to_dict(orient="records")
+    ]
+    if args.json:
+        emit_json({"model_id": model_id, "by": by, "queue": records})
+    else:
+        print(format_table(records, cols) if records else f"no candidate patches to rank by {by}")
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from al_core.predict import stored_metrics
+
+    with open_project(args) as proj:
+        res = stored_metrics(proj, _model_ref(args.model), test_slides=args.test_slides,
+                             test_fraction=args.test_fraction, seed=args.seed)
+    if args.json:
+        emit_json(res)
+        return 0
+    rows = []
+    for part in ("all", "train", "test"):
+        agg = res[part]
+        if agg is None:
+            continue
+        o = agg["overall"]
+        rows.append({"set": part, "slides": o["slides"], "patches": o["patches"],
+                     "pixel_acc": o["pixel_accuracy"], "mean_acc": o["mean_accuracy"], "macro_iou": o["macro_iou"],
+                     "weighted_iou": o["weighted_iou"],
+                     **{f"dice_{n}": v for n, v in o["dice"].items()}})
+    cols = list(rows[0]) if rows else []
+    print(f"model {res['model_id']}  (per patch → per slide → over slides; ignore pixels excluded)")
+    print(format_table(rows, cols))
+    if res["stale_patches"]:
+        print(f"note: {res['stale_patches']} patch(es) were relabelled since this prediction; "
+              "run 'slideloop predict' for current figures", file=sys.stderr)
+    return 0
