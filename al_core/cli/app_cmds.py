@@ -1,0 +1,146 @@
+"""App commands: ``slideloop app PROJECT`` opens the review app (``--view deploy``: the deployment view);
+``slideloop demo`` does so on the bundled sample.
+
+The app runs as ``jupyter server`` with Voilà and slideloop's tile server as server extensions (a standalone
+``voila`` process would not load the tile server), started as a subprocess so that ``al_core`` itself never
+imports Jupyter, tornado or widgets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+from al_core.cli.job_cluster import job_cluster
+from al_core.errors import ProjectError
+from al_core.grid import GridSpec
+from al_core.jobs import SCHEDULER_ENV
+from al_core.project import Project
+
+#: environment variable naming the project for the tile server and the app's kernel
+PROJECT_ENV = "SLIDELOOP_PROJECT"
+APP_NOTEBOOK = "review.ipynb"
+#: the app's views: --view name → notebook in the apps folder
+VIEWS = {"review": APP_NOTEBOOK, "deploy": "deploy.ipynb"}
+DEFAULT_PORT = 8866
+SAMPLE_NAME = "CMU-1-Small-Region"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("app", help="open the review app (slide map, review queue, corrections) in a browser")
+    p.add_argument("project", metavar="PROJECT", help="project folder")
+    p.add_argument("--view", choices=sorted(VIEWS), default="review",
+                   help="view to open: review (slide map, queue, corrections; default) or deploy (run a pushed "
+                        "model over a slide)")
+    _server_args(p)
+    p.set_defaults(func=cmd_app)
+
+    p = sub.add_parser("demo", help="build a demo project from the bundled sample slide and open the review app")
+    p.add_argument("--dir", default="demo-project", help="project folder (made if missing; default ./demo-project)")
+    _server_args(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--ip", default="localhost", help="interface to listen on (default localhost only)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser")
+
+
+def app_notebook_dir() -> Path:
+    """The folder holding ``review.ipynb``: the source tree's ``apps/``, or the installed data copy."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("slideloop_apps")
+    candidates = []
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).resolve().parents[1])
+    candidates.append(Path(sys.prefix) / "share" / "slideloop" / "apps")
+    for folder in candidates:
+        if (folder / APP_NOTEBOOK).is_file():
+            return folder
+    raise ProjectError("the review app is not installed (no review.ipynb); reinstall slideloop")
+
+
+def server_command(project: Path, port: int, ip: str, open_browser: bool, view: str = "review") -> list[str]:
+    """The ``jupyter server`` command line of the app (Voilà + tile server as extensions); ``view`` picks the
+    notebook the browser opens (both are served either way)."""
+    return [
+        sys.executable, "-m", "jupyter_server",
+        f"--ServerApp.root_dir={app_notebook_dir()}",
+        f"--ServerApp.default_url=/voila/render/{VIEWS[view]}",
+        f"--ServerApp.ip={ip}",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",  # the printed URL must be the one the server really uses
+        f"--ServerApp.open_browser={open_browser}",
+        # enabled by their config.d files on install; named here too so a source checkout works as is
+        "--ServerApp.jpserver_extensions=voila.server_extension=True",
+        "--ServerApp.jpserver_extensions=slideloop_apps=True",
+        "--ServerApp.jpserver_extensions=jupyter_server_mathjax=True",
+        f"--SlideloopTiles.project={project}",
+        # containers (Docker, Binder-like images) often run as root; Jupyter refuses that unless told
+        *(["--ServerApp.allow_root=True"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
+    ]
+
+
+def run_app(project: Path, port: int, ip: str, open_browser: bool, view: str = "review") -> int:
+    with Project.open(project) as proj:  # a clear error now beats a blank page later
+        # the deployment view can upload a slide into an empty project; the review app needs one
+        if not proj.slides() and view == "review":
+            raise ProjectError(f"{project}: the project has no slides; add one with 'slideloop add'")
+    token = os.environ.get("JUPYTER_TOKEN") or secrets.token_hex(24)
+    # the token goes through the environment, not the command line, where `ps` would show it to other users
+    env = dict(os.environ, JUPYTER_TOKEN=token, **{PROJECT_ENV: str(project.resolve())})
+    # one Dask scheduler + worker per app, not a LocalCluster per kernel: every tab's kernel queues training on
+    # the same worker and a job outlives its kernel; a shared scheduler (a hub service) already named wins
+    cluster = contextlib.ExitStack()
+    if not env.get(SCHEDULER_ENV):
+        env[SCHEDULER_ENV] = cluster.enter_context(job_cluster())
+    host = "localhost" if ip in ("localhost", "127.0.0.1", "0.0.0.0", "") else ip
+    what = "deployment view" if view == "deploy" else "review app"
+    print(f"slideloop: {what} for {project} (Ctrl-C to stop)\n"
+          f"    To open it, copy and paste this URL into a browser:\n"
+          f"        http://{host}:{port}/voila/render/{VIEWS[view]}?token={token}", flush=True)
+    with cluster:
+        proc = subprocess.Popen(server_command(project.resolve(), port, ip, open_browser, view), env=env)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait(timeout=30)
+            return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    return run_app(Path(args.project), args.port, args.ip, not args.no_browser, args.view)
+
+
+def sample_dir() -> Path:
+    """The bundled sample (``data/sample`` of the source tree)."""
+    folder = Path(__file__).resolve().parents[2] / "data" / "sample"
+    if not (folder / f"{SAMPLE_NAME}.svs").is_file():
+        raise ProjectError(f"the bundled sample slide is not here ({folder}); run the demo from a source checkout")
+    return folder
+
+
+def build_demo(folder: Path) -> Path:
+    """Make the demo project (sample slide, 256-px patch grid, its pre-annotation) unless it exists."""
+    if (folder / "project.db").is_file():
+        return folder
+    sample = sample_dir()
+    with Project.create(folder) as proj:
+        proj.add_slide(sample / f"{SAMPLE_NAME}.svs")
+        proj.build_grid(GridSpec(patch=256))
+        proj.import_labels(sample / f"{SAMPLE_NAME}.preannotation.geojson", author="preannotation")
+    print(f"slideloop: made the demo project {folder}", flush=True)
+    return folder
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    folder = build_demo(Path(args.dir))
+    return run_app(folder, args.port, args.ip, not args.no_browser)

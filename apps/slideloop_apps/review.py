@@ -1,0 +1,304 @@
+"""The review app's widgets: a slide map with overlays, the review queue and the correction tools.
+
+Widgets here only lay out controls and forward events to :class:`~slideloop_apps.state.AppState`, which calls
+:mod:`al_core`. CSS classes ``slideloop-*`` name the controls for the browser tests.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import ipywidgets as w
+from ipyleaflet import (
+    DrawControl,
+    GeoJSON,
+    LayersControl,
+    LegendControl,
+    Map,
+    TileLayer,
+    WidgetControl,
+    projections,
+)
+from shapely.geometry import mapping
+
+from al_core.errors import SlideloopError
+from slideloop_apps.state import ZOOM_SNAP, AppState, QueueItem, fit_zoom, patch_center, patch_outline
+
+MAP_HEIGHT = "640px"
+#: characters of the slide name in a queue row
+_NAME = 18
+#: candidate scale-bar lengths in µm; the one drawn is 60–150 screen px long
+_SCALE_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+_LEVEL_STYLE = {"info": ("#0b3d62", "#e8f1f8"), "warning": ("#6b4a00", "#fff4d6"), "error": ("#8a1010", "#fde8e8")}
+_CSS = """<style>
+.slideloop-queue select { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; }
+.slideloop-title { font-size: 18px; font-weight: 600; }
+.slideloop-panel h4 { margin: 10px 0 4px 0; }
+</style>"""
+
+
+class ReviewApp(w.VBox):
+    """The whole review dashboard for one :class:`AppState`."""
+
+    def __init__(self, state: AppState, **kwargs: Any) -> None:
+        self.state = state
+        self._layers: dict[str, TileLayer] = {}
+        self._syncing = False
+        classes = [c for c in state.classes() if c.idx > 0]
+
+        self.message = w.HTML().add_class("slideloop-message")
+        self.map = Map(crs=projections.Simple, layers=(), center=(0, 0), zoom=0, min_zoom=0,
+                       scroll_wheel_zoom=True, attribution_control=False, zoom_snap=ZOOM_SNAP, zoom_delta=0.5,
+                       layout=w.Layout(height=MAP_HEIGHT, flex="1 1 auto"))
+        self.map.add_class("slideloop-map")
+        self.outline = GeoJSON(data=patch_outline([], state.pyramid()), name="Current patch",
+                               style={"color": "#ffd400", "weight": 3, "fill": False, "dashArray": "6 4"})
+        self.pending = GeoJSON(data={"type": "FeatureCollection", "features": []}, name="Unsaved shapes",
+                               style={"weight": 2, "fillOpacity": 0.35})
+        self.draw = DrawControl(
+            polygon={"shapeOptions": {"color": "#00a0ff", "weight": 2}},
+            rectangle={"shapeOptions": {"color": "#00a0ff", "weight": 2}},
+            polyline={}, circle={}, circlemarker={}, marker={}, edit=False, remove=False,
+        )
+        self.draw.on_draw(self._on_draw)
+        self.scale = w.HTML().add_class("slideloop-scale")
+        self.legend = LegendControl({c.name: c.color for c in classes}, title="Classes", position="bottomright")
+        for control in (LayersControl(position="topright"), self.draw, self.legend,
+                        WidgetControl(widget=self.scale, position="bottomleft")):
+            self.map.add(control)
+        self.map.observe(self._on_zoom, names="zoom")
+
+        # right panel -------------------------------------------------------------------------------
+        self.slide_picker = w.Dropdown(options=state.slide_choices(), value=state.slide_id, description="Slide",
+                                       layout=w.Layout(width="100%")).add_class("slideloop-slide")
+        self.model_note = w.HTML().add_class("slideloop-model")
+        self.label_opacity = w.FloatSlider(0.5, min=0, max=1, step=0.05, description="Labels",
+                                           readout_format=".0%")
+        self.pred_opacity = w.FloatSlider(0.5, min=0, max=1, step=0.05, description="Prediction",
+                                          readout_format=".0%")
+        self.mode = w.ToggleButtons(options=[(c.name, c.idx) for c in classes] + [("Erase", 0)],
+                                    value=state.mode, description="Draw as",
+                                    style={"button_width": "90px"}).add_class("slideloop-mode")
+        self.undo_btn = w.Button(description="Undo", icon="undo").add_class("slideloop-undo")
+        self.save_btn = w.Button(description="Save", icon="save", button_style="primary").add_class("slideloop-save")
+        self.accept_btn = w.Button(description="Accept prediction", icon="check",
+                                   tooltip="Replace this patch's labels by the model's prediction")
+        self.accept_btn.add_class("slideloop-accept")
+        self.queue = w.Select(options=[], rows=16, layout=w.Layout(width="100%")).add_class("slideloop-queue")
+        self.prev_btn = w.Button(description="Previous", icon="arrow-up").add_class("slideloop-prev")
+        self.next_btn = w.Button(description="Next", icon="arrow-down").add_class("slideloop-next")
+        self.queue_head = w.HTML()
+
+        panel = w.VBox([
+            self.slide_picker, self.model_note,
+            w.HTML("<h4>Overlays</h4>"), self.label_opacity, self.pred_opacity,
+            w.HTML("<div style='color:#555;font-size:12px'>Labels are filled; the prediction is outlined.</div>"),
+            w.HTML("<h4>Correct</h4>"), self.mode, w.HBox([self.undo_btn, self.save_btn]), self.accept_btn,
+            w.HTML("<h4>Review queue</h4>"), self.queue_head, self.queue, w.HBox([self.prev_btn, self.next_btn]),
+        ], layout=w.Layout(width="400px", min_width="400px", padding="0 0 0 12px")).add_class("slideloop-panel")
+        title = w.HTML(f"{_CSS}<div class='slideloop-title'>slideloop · review "
+                       f"<span style='font-weight:400;color:#555'>{html.escape(state.project.root.name)}</span></div>")
+        super().__init__([title, self.message, w.HBox([self.map, panel])], **kwargs)
+
+        # wiring --------------------------------------------------------------------------------------
+        self.slide_picker.observe(lambda ch: state.select_slide(ch["new"]), names="value")
+        self.mode.observe(lambda ch: setattr(state, "mode", ch["new"]), names="value")
+        self.undo_btn.on_click(lambda _: state.undo())
+        self.save_btn.on_click(lambda _: state.save())
+        self.accept_btn.on_click(lambda _: state.accept_prediction())
+        self.prev_btn.on_click(lambda _: state.step(-1))
+        self.next_btn.on_click(lambda _: state.step(+1))
+        self.queue.observe(self._on_queue_pick, names="value")
+        state.observe(self._show_message, names=["message", "level"])
+        state.observe(lambda _: self._show_slide(), names="slide_id")
+        state.observe(lambda _: self._show_patch(), names="patch_id")
+        state.observe(lambda _: self._show_queue(), names="queue")
+        state.observe(lambda _: self._show_pending(), names="pending")
+        state.observe(lambda _: self._refresh_overlays(), names="revision")
+        state.observe(lambda _: self._show_model(), names="model_revision")
+
+        self._show_slide()
+        self._show_queue()
+        self._show_message()
+        problem = state.slide_problem()
+        if problem:
+            state.say(problem, "error")
+        else:
+            state.say("Pick a patch in the review queue (arrow keys or Previous/Next step through it), draw "
+                      "over the map to correct its labels, then Save.")
+
+    # --- state → widgets ---------------------------------------------------------------------------
+    def _show_message(self, _: Any = None) -> None:
+        text = self.state.message
+        if not text:
+            self.message.value = ""
+            return
+        fg, bg = _LEVEL_STYLE.get(self.state.level, _LEVEL_STYLE["info"])
+        self.message.value = (f"<div style='color:{fg};background:{bg};border-left:4px solid {fg};"
+                              f"padding:6px 10px;margin:4px 0'>{html.escape(text)}</div>")
+
+    def _show_slide(self) -> None:
+        st = self.state
+        pyr = st.pyramid()
+        for layer in [*self._layers.values(), self.outline, self.pending]:
+            if layer in self.map.layers:
+                self.map.remove(layer)
+        bounds = pyr.bounds()
+        opts = dict(bounds=bounds, max_native_zoom=pyr.zmax, max_zoom=pyr.zmax + 2, min_zoom=0, no_wrap=True,
+                    tile_size=256, attribution="")
+        urls = st.tile_urls()
+        self._layers = {"slide": TileLayer(url=urls["slide"], name="Slide", base=True, **opts)}
+        self._layers["labels"] = TileLayer(url=urls["labels"], name="Labels", opacity=self.label_opacity.value, **opts)
+        if "prediction" in urls:
+            self._layers["prediction"] = TileLayer(url=urls["prediction"], name="Prediction",
+                                                   opacity=self.pred_opacity.value, **opts)
+        for layer in [*self._layers.values(), self.outline, self.pending]:
+            self.map.add(layer)
+        w.jslink((self.label_opacity, "value"), (self._layers["labels"], "opacity"))
+        if "prediction" in self._layers:
+            w.jslink((self.pred_opacity, "value"), (self._layers["prediction"], "opacity"))
+        self.pred_opacity.disabled = self.accept_btn.disabled = "prediction" not in self._layers
+        self.model_note.value = f"<div style='color:#444;margin:4px 0'>{html.escape(st.model_note())}</div>"
+        self.map.max_zoom = pyr.zmax + 2
+        self.map.center = ((bounds[0][0] + bounds[1][0]) / 2, (bounds[0][1] + bounds[1][1]) / 2)
+        self.map.zoom = fit_zoom(pyr, max(pyr.width, pyr.height), 560)
+        self._syncing = True
+        try:
+            self.slide_picker.value = st.slide_id
+        finally:
+            self._syncing = False
+        self.outline.data = patch_outline([], pyr)
+        self._show_pending()
+        self._on_zoom()
+
+    def _show_patch(self) -> None:
+        st = self.state
+        if st.patch_id is None:
+            self.outline.data = patch_outline([], st.pyramid())
+            return
+        patch = st.project.patch(st.patch_id)
+        pyr = st.pyramid()
+        self.outline.data = patch_outline([patch], pyr)
+        self.map.center = patch_center(patch, pyr)
+        self.map.zoom = fit_zoom(pyr, patch.size, 480)
+        if self.queue.value != st.patch_id:
+            self._syncing = True
+            try:
+                self.queue.value = st.patch_id if st.patch_id in dict(self.queue.options).values() else None
+            finally:
+                self._syncing = False
+
+    def _show_queue(self) -> None:
+        st = self.state
+        items: list[QueueItem] = st.queue
+        self._syncing = True
+        try:
+            self.queue.options = [(_queue_label(q), q.patch_id) for q in items]
+            self.queue.value = st.patch_id if any(q.patch_id == st.patch_id for q in items) else None
+        finally:
+            self._syncing = False
+        done = sum(q.reviewed for q in items)
+        self.queue_head.value = (
+            "<div style='font:12px ui-monospace,Menlo,Consolas,monospace;color:#333;white-space:pre'>"
+            f"{done}/{len(items)} reviewed   ✓ reviewed ● labelled ○ unlabelled\n"
+            f"{'':2}{'slide':<{_NAME}}{'x':>6} {'y':>6}  {'IoU':>5} {'unc':>5}</div>")
+
+    def _show_pending(self) -> None:
+        st = self.state
+        pyr = st.pyramid()
+        colors = {c.idx: c.color for c in st.classes()}
+        feats = []
+        for mode, geom in st.pending:
+            scaled = _to_map(geom, pyr.zmax)
+            color = colors.get(mode, "#000000") if mode else "#ffffff"
+            feats.append({"type": "Feature", "geometry": mapping(scaled),
+                          "properties": {"style": {"color": color, "fillColor": color,
+                                                   "dashArray": "4 3" if mode == 0 else None}}})
+        self.pending.data = {"type": "FeatureCollection", "features": feats}
+
+    def _refresh_overlays(self) -> None:
+        urls = self.state.tile_urls()
+        if "labels" in self._layers:
+            self._layers["labels"].url = urls["labels"]  # a new ?v= makes Leaflet refetch every visible tile
+
+    def _show_model(self) -> None:
+        """Another model ranks the queue now (a training run finished): swap the prediction layer and the
+        model note without moving the map."""
+        st = self.state
+        old = self._layers.pop("prediction", None)
+        if old is not None and old in self.map.layers:
+            self.map.remove(old)
+        urls = st.tile_urls()
+        if "prediction" in urls:
+            pyr = st.pyramid()
+            layer = TileLayer(url=urls["prediction"], name="Prediction", opacity=self.pred_opacity.value,
+                              bounds=pyr.bounds(), max_native_zoom=pyr.zmax, max_zoom=pyr.zmax + 2, min_zoom=0,
+                              no_wrap=True, tile_size=256, attribution="")
+            self._layers["prediction"] = layer
+            self.map.add(layer)
+            w.jslink((self.pred_opacity, "value"), (layer, "opacity"))
+        self.pred_opacity.disabled = self.accept_btn.disabled = "prediction" not in self._layers
+        self.model_note.value = f"<div style='color:#444;margin:4px 0'>{html.escape(st.model_note())}</div>"
+
+    def _on_zoom(self, _: Any = None) -> None:
+        st = self.state
+        pyr = st.pyramid()
+        px_per_screen = 2.0 ** (pyr.zmax - self.map.zoom)
+        mpp = st.mpp()
+        unit_per_px, unit = (mpp * px_per_screen, "µm") if mpp else (px_per_screen, "px")
+        length = next((s for s in _SCALE_STEPS if s / unit_per_px >= 60), _SCALE_STEPS[-1])
+        if unit == "µm" and length >= 1000:
+            label = f"{length / 1000:g} mm"
+        else:
+            label = f"{length:g} {unit}"
+        width = max(1, round(length / unit_per_px))
+        self.scale.value = (f"<div style='background:rgba(255,255,255,.85);padding:2px 6px;font:12px sans-serif'>"
+                            f"<div style='width:{width}px;height:6px;border:2px solid #222;border-top:none'></div>"
+                            f"{label}</div>")
+
+    # --- widgets → state ---------------------------------------------------------------------------
+    def _on_queue_pick(self, change: dict[str, Any]) -> None:
+        if self._syncing or change["new"] is None:
+            return
+        try:
+            self.state.select_patch(int(change["new"]))
+        except SlideloopError as err:
+            self.state.say(str(err), "error")
+
+    def _on_draw(self, target: Any, action: str, geo_json: dict[str, Any]) -> None:
+        if action != "created":
+            return
+        self.state.add_drawn(geo_json)
+        self.draw.clear()  # the shape lives on in the 'Unsaved shapes' layer, coloured by its class
+
+
+def _queue_label(q: QueueItem) -> str:
+    mark = "✓" if q.reviewed else ("●" if q.labelled else "○")
+    iou = "  -  " if q.iou is None else f"{q.iou:5.2f}"
+    unc = "  -  " if q.uncertainty is None else f"{q.uncertainty:5.2f}"
+    return f"{mark} {q.slide[:_NAME]:<{_NAME}}{q.x:>6} {q.y:>6}  {iou} {unc}"
+
+
+def _to_map(geom: Any, zmax: int) -> Any:
+    import numpy as np
+    import shapely
+
+    scale = 2.0**zmax
+    return shapely.transform(geom, lambda c: np.column_stack([c[:, 0] / scale, -c[:, 1] / scale]))
+
+
+def build_app() -> w.Widget:
+    """The app for the project in ``SLIDELOOP_PROJECT`` (review and training tabs), or a clear message when it
+    cannot be opened."""
+    try:
+        state = AppState.from_env()
+        review = ReviewApp(state)
+    except SlideloopError as err:
+        return w.HTML(f"<div style='color:#8a1010;background:#fde8e8;padding:10px;border-left:4px solid #8a1010'>"
+                      f"<b>slideloop cannot open the project.</b><br>{html.escape(str(err))}</div>")
+    from slideloop_apps.train_panel import TrainPanel  # imports matplotlib: only once a project opened
+
+    tabs = w.Tab([review, TrainPanel(state)]).add_class("slideloop-tabs")
+    tabs.titles = ("Review", "Train")
+    return tabs

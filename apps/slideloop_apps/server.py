@@ -1,0 +1,297 @@
+"""The tile server: authenticated Jupyter handlers over :class:`al_core.tiles.TileSource`.
+
+Routes, all under ``<base_url>slideloop/`` and all behind Jupyter's own authentication::
+
+    slides                                  JSON: registered slides (id, name, size, mpp, zmax, file present)
+    tiles/<slide>/<z>/<x>/<y>.jpeg          slide tile, immutable
+    labels/<slide>/<z>/<x>/<y>.png          current labels, RGBA, revalidated on every use
+    prediction/<slide>/<model>/<z>/<x>/<y>.png   a model's argmax prediction, RGBA
+    inference/<run>/<z>/<x>/<y>.png         class map of a deployment-view run (pyramidal TIFF), RGBA, immutable
+    inference/<run>/files/<kind>            that run's output as a download: tiff, geojson or report
+
+Only numeric slide ids and inference run ids appear in URLs; file paths come from the project database or the
+run's own ``run.json`` (:mod:`slideloop_apps.runs`). Decoding runs on a
+thread pool so a slow read never stalls the server's event loop (and with it every kernel websocket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from jupyter_server.base.handlers import JupyterHandler
+from jupyter_server.utils import url_path_join
+from tornado import web
+from tornado.iostream import StreamClosedError
+from traitlets import Int, Unicode
+from traitlets.config import Configurable
+
+from al_core.errors import ProjectError, SlideError
+from al_core.project import Project
+from al_core.tiles import ClassMapTiles, LRUCache, TileRangeError, TileSource
+from slideloop_apps import BASE_URL_ENV, DATA_DIR, PROJECT_ENV, ROUTE_PREFIX
+from slideloop_apps.runs import FILE_TYPES, check_run_id, load_run
+
+SETTINGS_KEY = "slideloop_tiles"
+
+
+class SlideloopTiles(Configurable):
+    """Settings of the slideloop tile server (``c.SlideloopTiles.<name>`` or ``--SlideloopTiles.<name>=``)."""
+
+    project = Unicode(
+        "", config=True,
+        help=f"project folder to serve; empty: the {PROJECT_ENV} environment variable",
+    )
+    workers = Int(4, config=True, help="threads decoding tiles (each keeps its own open slides)")
+    cache_mb = Int(128, config=True, help="memory for hot tiles, MiB")
+
+
+class TileService:
+    """The project, its tile source and the decoding pool, built once per server."""
+
+    def __init__(self, project_dir: str, workers: int, cache_mb: int) -> None:
+        self.project_dir = project_dir
+        self.cache_mb = cache_mb
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="slideloop-tiles")
+        # overlays get their own threads: a slow prediction tile (or the first one, which imports the model
+        # side) must not hold up the slide's own tiles
+        self.overlay_pool = ThreadPoolExecutor(max_workers=max(1, workers // 2),
+                                               thread_name_prefix="slideloop-overlays")
+        self._source: TileSource | None = None
+        self._lock = threading.Lock()
+        self._class_maps: dict[str, ClassMapTiles] = {}
+        # class-map tiles of runs never change (a run id is never reused): a small cache of their own
+        self._class_map_cache = LRUCache(max(1, cache_mb // 4) << 20)
+
+    def source(self) -> TileSource:
+        """The project's tile source, opened on first use (the project may be created after the server starts)."""
+        with self._lock:
+            if self._source is None:
+                if not self.project_dir:
+                    raise ProjectError(f"no slideloop project configured (set {PROJECT_ENV} or "
+                                       "--SlideloopTiles.project)")
+                self._source = TileSource(Project.open(self.project_dir), cache_bytes=self.cache_mb << 20,
+                                          prediction_loader=_prediction_loader())
+            return self._source
+
+    async def run(self, fn: Any, *args: Any, overlay: bool = False) -> Any:
+        pool = self.overlay_pool if overlay else self.pool
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    def slides_json(self) -> list[dict[str, Any]]:
+        src = self.source()
+        out = []
+        for row in src.project.slides():
+            info = src.slide_info(row.id)
+            out.append({"id": row.id, "name": row.name, "width": row.width, "height": row.height, "mpp": row.mpp,
+                        "zmax": info.pyramid.zmax, "file_present": Path(row.path).is_file()})
+        return out
+
+    def _require_project(self) -> str:
+        if not self.project_dir:
+            raise ProjectError(f"no slideloop project configured (set {PROJECT_ENV} or --SlideloopTiles.project)")
+        return self.project_dir
+
+    def class_map(self, run_id: str) -> ClassMapTiles:
+        """Tiles of a registered run's class map; ProjectError for an unknown or unfinished run."""
+        check_run_id(run_id)
+        with self._lock:
+            tiles = self._class_maps.get(run_id)
+        if tiles is None:
+            path = load_run(self._require_project(), run_id).file("tiff")
+            tiles = ClassMapTiles(path, cache=self._class_map_cache)
+            with self._lock:
+                if len(self._class_maps) >= 64:  # each keeps a tiffslide handle per thread: bound them
+                    self._class_maps.pop(next(iter(self._class_maps)))
+                self._class_maps[run_id] = tiles
+        return tiles
+
+    def inference_tile(self, run_id: str, z: int, x: int, y: int) -> bytes:
+        return self.class_map(run_id).tile(z, x, y)
+
+    def inference_file(self, run_id: str, kind: str) -> Path:
+        """Path of a registered run's output ``kind``; ProjectError for anything else."""
+        return load_run(self._require_project(), check_run_id(run_id)).file(kind)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.overlay_pool.shutdown(wait=False, cancel_futures=True)
+        if self._source is not None:
+            self._source.project.close()
+
+
+def _prediction_loader() -> Any:
+    """A loader of predicted class maps when the model side is installed, else ``None``."""
+    if importlib.util.find_spec("al_core.predict") is None:
+        return None
+
+    def load(project: Project, model_id: int, patch_id: int) -> Any:
+        # imported on the first prediction tile, not at server start: it brings torch into the server
+        from al_core.predict import prediction_classes
+
+        return prediction_classes(project, model_id, patch_id)
+
+    return load
+
+
+class _TileHandler(JupyterHandler):
+    """Base: parses ids, runs the render on the pool, maps core errors to HTTP codes in one place."""
+
+    content_type = "image/png"
+    cache_control = "no-cache"
+    overlay = True
+
+    @property
+    def service(self) -> TileService:
+        return self.settings[SETTINGS_KEY]
+
+    async def _serve(self, fn: Any, *parts: str) -> None:
+        try:
+            ids = [int(p) for p in parts]
+        except ValueError:
+            raise web.HTTPError(404, "tile ids must be integers") from None
+        try:
+            data = await self.service.run(fn, *ids, overlay=self.overlay)
+        except (ProjectError, TileRangeError) as err:
+            raise web.HTTPError(404, str(err)) from None
+        except SlideError as err:
+            # the registered file is gone or unreadable: say which slide, never the server path
+            raise web.HTTPError(404, f"slide {ids[0]}: file missing or unreadable ({err.problem})") from None
+        self.set_header("Content-Type", self.content_type)
+        self.set_header("Cache-Control", self.cache_control)
+        self.finish(data)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # plain text, not Jupyter's HTML error page: these are fetched by <img> tags and scripts
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        reason = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else self._reason
+        self.finish(f"{status_code}: {reason}\n")
+
+
+class SlideTileHandler(_TileHandler):
+    content_type = "image/jpeg"
+    overlay = False
+    # a registered slide's pixels never change; the login cookie makes the response private
+    cache_control = "private, max-age=31536000, immutable"
+
+    @web.authenticated
+    async def get(self, slide: str, z: str, x: str, y: str) -> None:
+        await self._serve(lambda *a: self.service.source().slide_tile(*a), slide, z, x, y)
+
+
+class LabelTileHandler(_TileHandler):
+    @web.authenticated
+    async def get(self, slide: str, z: str, x: str, y: str) -> None:
+        await self._serve(lambda *a: self.service.source().label_tile(*a), slide, z, x, y)
+
+
+class PredictionTileHandler(_TileHandler):
+    @web.authenticated
+    async def get(self, slide: str, model: str, z: str, x: str, y: str) -> None:
+        await self._serve(lambda *a: self.service.source().prediction_tile(*a), slide, model, z, x, y)
+
+
+class InferenceTileHandler(_TileHandler):
+    # a run's class map never changes once registered
+    cache_control = "private, max-age=31536000, immutable"
+
+    @web.authenticated
+    async def get(self, run: str, z: str, x: str, y: str) -> None:
+        try:
+            zxy = [int(v) for v in (z, x, y)]
+        except ValueError:
+            raise web.HTTPError(404, "tile indices must be integers") from None
+        try:
+            data = await self.service.run(self.service.inference_tile, run, *zxy, overlay=True)
+        except (ProjectError, TileRangeError) as err:
+            raise web.HTTPError(404, str(err)) from None
+        except SlideError as err:
+            raise web.HTTPError(404, f"run {run}: class map unreadable ({err.problem})") from None
+        self.set_header("Content-Type", self.content_type)
+        self.set_header("Cache-Control", self.cache_control)
+        self.finish(data)
+
+
+class InferenceFileHandler(_TileHandler):
+    """A run's TIFF / GeoJSON / report as a download, streamed in chunks (class maps of big slides are large)."""
+
+    chunk = 1 << 20
+
+    @web.authenticated
+    async def get(self, run: str, kind: str) -> None:
+        try:
+            path = await self.service.run(self.service.inference_file, run, kind)
+        except ProjectError as err:
+            raise web.HTTPError(404, str(err)) from None
+        self.set_header("Content-Type", FILE_TYPES[kind])
+        self.set_header("Content-Disposition", f'attachment; filename="{path.name}"')
+        self.set_header("Cache-Control", "private, no-cache")
+        self.set_header("Content-Length", str(path.stat().st_size))
+        with open(path, "rb") as fh:
+            while True:
+                data = await self.service.run(fh.read, self.chunk)
+                if not data:
+                    break
+                self.write(data)
+                try:
+                    await self.flush()
+                except StreamClosedError:
+                    return  # the browser cancelled the download: nothing to report
+        self.finish()
+
+
+class SlidesHandler(_TileHandler):
+    content_type = "application/json"
+
+    @web.authenticated
+    async def get(self) -> None:
+        try:
+            slides = await self.service.run(self.service.slides_json)
+        except ProjectError as err:
+            raise web.HTTPError(404, str(err)) from None
+        self.set_header("Content-Type", self.content_type)
+        self.set_header("Cache-Control", "no-cache")
+        self.finish(json.dumps(slides))
+
+
+def handlers(base_url: str) -> list[tuple[str, type[JupyterHandler]]]:
+    """The route table, joined onto the server's base URL."""
+    seg = r"([^/]+)"  # anything up to a slash; non-integers are refused by the handler with a 404
+    routes: list[tuple[str, type[JupyterHandler]]] = [
+        ("slides", SlidesHandler),
+        (rf"tiles/{seg}/{seg}/{seg}/{seg}\.jpeg", SlideTileHandler),
+        (rf"labels/{seg}/{seg}/{seg}/{seg}\.png", LabelTileHandler),
+        (rf"prediction/{seg}/{seg}/{seg}/{seg}/{seg}\.png", PredictionTileHandler),
+        (rf"inference/{seg}/{seg}/{seg}/{seg}\.png", InferenceTileHandler),
+        (rf"inference/{seg}/files/{seg}", InferenceFileHandler),
+    ]
+    return [(url_path_join(base_url, ROUTE_PREFIX, pattern), cls) for pattern, cls in routes]
+
+
+def load_extension(serverapp: Any) -> None:
+    """Build the tile service, add the routes, and tell kernels the base URL through the environment."""
+    config = SlideloopTiles(parent=serverapp)
+    project_dir = config.project or os.environ.get(PROJECT_ENV, "")
+    if project_dir:
+        project_dir = str(Path(project_dir).resolve())
+        os.environ[PROJECT_ENV] = project_dir  # the app's kernel opens the same project
+    web_app = serverapp.web_app
+    base_url = web_app.settings.get("base_url", "/")
+    service = TileService(project_dir, config.workers, config.cache_mb)
+    web_app.settings[SETTINGS_KEY] = service
+    web_app.add_handlers(".*$", handlers(base_url))
+    # kernels inherit the server's environment: this is how the widgets learn the URL prefix (see DESIGN §2)
+    os.environ[BASE_URL_ENV] = base_url
+    # make the 'slideloop' Voilà template (no CDN) findable without a data-files install (editable installs)
+    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    if str(DATA_DIR) not in paths:
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([*paths, str(DATA_DIR)])
+    serverapp.log.info("slideloop tile server at %s (project: %s)", url_path_join(base_url, ROUTE_PREFIX),
+                       project_dir or f"none yet; set {PROJECT_ENV}")

@@ -1,0 +1,148 @@
+"""Tile-server speed on the bundled sample: latency p50/p99 with 1 and 8 concurrent clients against the running
+server extension, next to the in-process bound (read the region + JPEG-encode, one thread, same tiles, same run),
+and the time from opening the app URL to the first painted tiles in headless Chromium.
+
+    python bench/bench_tiles.py [--rounds 3] [--no-browser] [--json bench/results/tiles.json]
+
+Cold numbers come from a server with its tile cache off (every request decodes); warm ones from the default
+cache after one pass. Nothing here is asserted: it is a measurement to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from _browser import app_server, browser_page  # noqa: E402
+
+from al_core.cli.app_cmds import build_demo  # noqa: E402
+from al_core.project import Project  # noqa: E402
+from al_core.tiles import Pyramid, render_slide_tile  # noqa: E402
+
+
+def all_tiles(pyr: Pyramid) -> list[tuple[int, int, int]]:
+    return [(z, x, y) for z in range(pyr.zmax + 1) for x in range(pyr.grid_size(z)[0])
+            for y in range(pyr.grid_size(z)[1])]
+
+
+def pct(values: list[float], q: float) -> float:
+    vals = sorted(values)
+    return vals[min(len(vals) - 1, round(q / 100 * (len(vals) - 1)))]
+
+
+def summary(ms: list[float], wall: float) -> dict[str, float]:
+    return {"n": len(ms), "p50_ms": round(pct(ms, 50), 2), "p99_ms": round(pct(ms, 99), 2),
+            "mean_ms": round(statistics.fmean(ms), 2), "tiles_per_s": round(len(ms) / wall, 1)}
+
+
+def raw_bound(project: Project, tiles: list[tuple[int, int, int]], rounds: int) -> dict[str, float]:
+    """read + resize + JPEG encode in this process, one thread, no HTTP, no cache."""
+    row = project.slides()[0]
+    pyr = Pyramid(row.width, row.height)
+    ms = []
+    t0 = time.perf_counter()
+    with project.open_slide(row.id) as slide:
+        for _ in range(rounds):
+            for z, x, y in tiles:
+                t = time.perf_counter()
+                render_slide_tile(slide, pyr, z, x, y)
+                ms.append((time.perf_counter() - t) * 1e3)
+    return summary(ms, time.perf_counter() - t0)
+
+
+def http_run(port: int, token: str, paths: list[str], clients: int) -> dict[str, float]:
+    """``clients`` threads, each with one keep-alive connection, splitting ``paths`` between them."""
+    ms: list[float] = []
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def client(part: list[str]) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        mine = []
+        for path in part:
+            t = time.perf_counter()
+            conn.request("GET", path, headers={"Authorization": f"token {token}"})
+            resp = conn.getresponse()
+            resp.read()
+            mine.append((time.perf_counter() - t) * 1e3)
+            if resp.status != 200:
+                errors.append(f"{resp.status} {path}")
+        conn.close()
+        with lock:
+            ms.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(paths[i::clients],)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0]}")
+    return summary(ms, wall)
+
+
+def first_paint(url: str) -> dict[str, float]:
+    with browser_page() as (page, _):
+        t0 = time.perf_counter()
+        page.goto(url)
+        page.wait_for_selector(".slideloop-map img.leaflet-tile-loaded[src*='/slideloop/tiles/']", timeout=120_000)
+        first = time.perf_counter() - t0
+        page.wait_for_function(
+            "() => { const t = document.querySelectorAll(\".slideloop-map img.leaflet-tile[src*='/slideloop/']\");"
+            " return t.length > 0 && Array.from(t).every(e => e.classList.contains('leaflet-tile-loaded')); }",
+            timeout=120_000)
+        return {"first_tile_s": round(first, 2), "all_visible_tiles_s": round(time.perf_counter() - t0, 2)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3, help="passes over every tile of the sample pyramid")
+    ap.add_argument("--no-browser", action="store_true", help="skip the time-to-first-tiles measurement")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="slideloop-bench-") as tmp:
+        work = Path(tmp)
+        folder = build_demo(work / "demo").resolve()
+        with Project.open(folder) as proj:
+            row = proj.slides()[0]
+            tiles = all_tiles(Pyramid(row.width, row.height))
+            results: dict[str, object] = {"slide": f"{row.name} {row.width}x{row.height}, {row.levels} level(s)",
+                                          "tiles_per_round": len(tiles), "rounds": args.rounds,
+                                          "raw_read_encode_1_thread": raw_bound(proj, tiles, args.rounds)}
+        paths = [f"/slideloop/tiles/{row.id}/{z}/{x}/{y}.jpeg" for z, x, y in tiles] * args.rounds
+        with app_server(folder, work / "cold", extra_args=("--SlideloopTiles.cache_mb=0",)) as srv:
+            port = int(srv.url.split(":")[2].split("/")[0])
+            http_run(port, srv.token, paths[:20], 1)  # connection set-up, imports
+            results["server_cold_1_client"] = http_run(port, srv.token, paths, 1)
+            results["server_cold_8_clients"] = http_run(port, srv.token, paths, 8)
+        with app_server(folder, work / "warm") as srv:
+            port = int(srv.url.split(":")[2].split("/")[0])
+            http_run(port, srv.token, paths[: len(tiles)], 1)  # fill the cache
+            results["server_cached_1_client"] = http_run(port, srv.token, paths, 1)
+            results["server_cached_8_clients"] = http_run(port, srv.token, paths, 8)
+            labels = [p.replace("/tiles/", "/labels/").replace(".jpeg", ".png") for p in paths[: len(tiles)]]
+            results["labels_cold_1_client"] = http_run(port, srv.token, labels, 1)
+            if not args.no_browser:
+                results["app_open_to_tiles"] = first_paint(srv.app_url())
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
