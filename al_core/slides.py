@@ -186,7 +186,7 @@ class _Backend:
     def read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> RGBArray:
         raise NotImplementedError
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         pass
 
 

@@ -146,8 +146,14 @@ def render_class_tile(mask: npt.NDArray[np.uint8], palette: npt.NDArray[np.uint8
     if not mask.any():
         return empty_png(mask.shape[1])
     rgba = palette[mask]
+    edge = class_edges(mask)
+    rgba[..., 3] = np.where(mask > 0, np.where(edge, rgba[..., 3], np.minimum(rgba[..., 3], PREDICTION_FILL_ALPHA)), 0)
+    return encode_png(rgba)
+
+
+def class_edges(mask: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    """Outline pixels of a class map: a neighbour within 1 px has another class (2-px lines at screen scale)."""
     edge = np.zeros(mask.shape, dtype=bool)
-    # a pixel is on an outline when a neighbour within 1 px has another class (2-px lines at screen scale)
     for axis in (0, 1):
         step = np.diff(mask, axis=axis) != 0
         pad = [(0, 0), (0, 0)]
@@ -155,8 +161,7 @@ def render_class_tile(mask: npt.NDArray[np.uint8], palette: npt.NDArray[np.uint8
         edge |= np.pad(step, pad)
         pad[axis] = (0, 1)
         edge |= np.pad(step, pad)
-    rgba[..., 3] = np.where(mask > 0, np.where(edge, rgba[..., 3], np.minimum(rgba[..., 3], PREDICTION_FILL_ALPHA)), 0)
-    return encode_png(rgba)
+    return edge
 
 
 def paste_patch_classes(tile: npt.NDArray[np.uint8], classes: npt.NDArray[np.uint8], patch_origin: tuple[int, int],
@@ -394,15 +399,7 @@ def render_overlay_tile(mask: npt.NDArray[np.uint8], lut: npt.NDArray[np.uint8],
     if not visible.any():
         return empty_png(mask.shape[1])
     rgba = lut[mask]
-    edge = np.zeros(mask.shape, dtype=bool)
-    # outline pixels: a neighbour within 1 px has another class (as in render_class_tile)
-    for axis in (0, 1):
-        step = np.diff(mask, axis=axis) != 0
-        pad = [(0, 0), (0, 0)]
-        pad[axis] = (1, 0)
-        edge |= np.pad(step, pad)
-        pad[axis] = (0, 1)
-        edge |= np.pad(step, pad)
+    edge = class_edges(mask)
     rgba[..., 3] = np.where(visible, np.where(edge, rgba[..., 3], np.minimum(rgba[..., 3], fill_alpha)), 0)
     return encode_png(rgba)
 

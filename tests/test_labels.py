@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-from shapely.geometry import Polygon, box, shape
+from shapely.geometry import Polygon, box
 
 from al_core import GridSpec, LabelError, Project
 from al_core.labels import mask_to_shapes, rasterize, read_geojson

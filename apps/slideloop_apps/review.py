@@ -24,13 +24,13 @@ from shapely.geometry import mapping
 
 from al_core.errors import SlideloopError
 from slideloop_apps.state import ZOOM_SNAP, AppState, QueueItem, fit_zoom, patch_center, patch_outline
+from slideloop_apps.ui import message_html
 
 MAP_HEIGHT = "640px"
 #: characters of the slide name in a queue row
 _NAME = 18
 #: candidate scale-bar lengths in µm; the one drawn is 60–150 screen px long
 _SCALE_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
-_LEVEL_STYLE = {"info": ("#0b3d62", "#e8f1f8"), "warning": ("#6b4a00", "#fff4d6"), "error": ("#8a1010", "#fde8e8")}
 _CSS = """<style>
 .slideloop-queue select { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; }
 .slideloop-title { font-size: 18px; font-weight: 600; }
@@ -130,13 +130,7 @@ class ReviewApp(w.VBox):
 
     # --- state → widgets ---------------------------------------------------------------------------
     def _show_message(self, _: Any = None) -> None:
-        text = self.state.message
-        if not text:
-            self.message.value = ""
-            return
-        fg, bg = _LEVEL_STYLE.get(self.state.level, _LEVEL_STYLE["info"])
-        self.message.value = (f"<div style='color:{fg};background:{bg};border-left:4px solid {fg};"
-                              f"padding:6px 10px;margin:4px 0'>{html.escape(text)}</div>")
+        self.message.value = message_html(self.state.message, self.state.level)
 
     def _show_slide(self) -> None:
         st = self.state
