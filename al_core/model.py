@@ -24,6 +24,9 @@ from al_core._io import atomic_path
 from al_core._torch_compat import ensure_torchvision_importable
 from al_core.errors import CheckpointError, ProjectError, TrainingError
 
+# torchvision (via smp/timm) must be importable beside a CPU-only torch before anyone imports it
+ensure_torchvision_importable()
+
 if TYPE_CHECKING:
     from al_core.project import Project
     from al_core.store import ModelRow
@@ -142,7 +145,6 @@ def check_project_classes(config: ModelConfig, project: Project, source: str | P
 def build_model(config: ModelConfig) -> torch.nn.Module:
     """The smp ``Unet`` for ``config``. Pretrained encoder weights only when ``config.encoder_weights`` is set
     (that downloads them once into torch's hub cache; nothing is downloaded otherwise)."""
-    ensure_torchvision_importable()
     import segmentation_models_pytorch as smp
 
     try:
