@@ -60,3 +60,25 @@ def test_version_and_help():
     helptext = run_cli("--help").stdout
     for cmd in ("init", "add", "grid", "labels", "status"):
         assert cmd in helptext
+
+
+def test_every_subcommand_and_option_has_help():
+    import argparse
+
+    from al_core.cli import build_parser
+
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {c.dest: c.help for c in action._choices_actions}
+                for name, sub in action.choices.items():
+                    if not helps.get(name):
+                        missing.append(f"{path} {name}")
+                    walk(sub, f"{path} {name}")
+            elif not action.help and not isinstance(action, argparse._HelpAction):
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "slideloop")
+    assert missing == []

@@ -147,7 +147,9 @@ def test_server_command_runs_voila_and_the_tile_server(demo: Path) -> None:
     from al_core.cli.app_cmds import app_notebook_dir, server_command
 
     cmd = " ".join(server_command(demo, 9999, "localhost", open_browser=False))
-    assert "--ServerApp.default_url=/voila/render/review.ipynb" in cmd
+    assert "--ServerApp.default_url=/voila/render/index.ipynb" in cmd  # the landing page by default
+    assert "--ServerApp.default_url=/voila/render/review.ipynb" in " ".join(
+        server_command(demo, 9999, "localhost", open_browser=False, view="review"))
     assert "voila.server_extension=True" in cmd and "slideloop_apps=True" in cmd
     assert f"--SlideloopTiles.project={demo}" in cmd and "token" not in cmd  # the token travels in the env
-    assert (app_notebook_dir() / "review.ipynb").is_file()
+    assert all((app_notebook_dir() / nb).is_file() for nb in ("index.ipynb", "review.ipynb", "deploy.ipynb"))

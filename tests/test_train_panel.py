@@ -121,7 +121,9 @@ def test_retrain_from_the_panel(server, project_dir: Path, tmp_path: Path) -> No
                 page.locator(".lm-TabBar-tab", has_text="Review").click()
                 page.click("button.slideloop-next")
                 page.wait_for_selector(".slideloop-map path[stroke='#ffd400']", timeout=TIMEOUT)
-                assert page.locator(".slideloop-queue select").input_value() != ""
+                # the outline and the queue's selection arrive as separate widget updates: wait for both
+                page.wait_for_function("() => document.querySelector('.slideloop-queue select').value !== ''",
+                                       timeout=TIMEOUT)
                 page.locator(".lm-TabBar-tab", has_text="Train").click()
                 clicked_next = True
             page.wait_for_timeout(200)

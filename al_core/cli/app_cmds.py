@@ -1,5 +1,6 @@
-"""App commands: ``slideloop app PROJECT`` opens the review app (``--view deploy``: the deployment view);
-``slideloop demo`` does so on the bundled sample.
+"""App commands: ``slideloop app PROJECT`` opens the app's landing page, which links the review app (with its
+Train tab) and the deployment view (``--view review|deploy`` opens one of them directly); ``slideloop demo``
+does so on the bundled sample (``--prepare-only``: build the demo project and stop).
 
 The app runs as ``jupyter server`` with Voilà and slideloop's tile server as server extensions (a standalone
 ``voila`` process would not load the tile server), started as a subprocess so that ``al_core`` itself never
@@ -26,22 +27,29 @@ from al_core.project import Project
 PROJECT_ENV = "SLIDELOOP_PROJECT"
 APP_NOTEBOOK = "review.ipynb"
 #: the app's views: --view name → notebook in the apps folder
-VIEWS = {"review": APP_NOTEBOOK, "deploy": "deploy.ipynb"}
+VIEWS = {"home": "index.ipynb", "review": APP_NOTEBOOK, "deploy": "deploy.ipynb"}
+DEFAULT_VIEW = "home"
 DEFAULT_PORT = 8866
 SAMPLE_NAME = "CMU-1-Small-Region"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("app", help="open the review app (slide map, review queue, corrections) in a browser")
+    p = sub.add_parser("app", help="open the app (review, training, deployment) on a project in a browser")
     p.add_argument("project", metavar="PROJECT", help="project folder")
-    p.add_argument("--view", choices=sorted(VIEWS), default="review",
-                   help="view to open: review (slide map, queue, corrections; default) or deploy (run a pushed "
-                        "model over a slide)")
+    p.add_argument("--view", choices=sorted(VIEWS), default=DEFAULT_VIEW,
+                   help="page to open: home (the landing page linking the other two; default), review (slide "
+                        "map, queue, corrections, Train tab) or deploy (run a pushed model over a slide)")
     _server_args(p)
     p.set_defaults(func=cmd_app)
 
-    p = sub.add_parser("demo", help="build a demo project from the bundled sample slide and open the review app")
+    p = sub.add_parser("demo", help="build a demo project from the bundled sample slide and open the app")
     p.add_argument("--dir", default="demo-project", help="project folder (made if missing; default ./demo-project)")
+    p.add_argument("--view", choices=sorted(VIEWS), default=DEFAULT_VIEW, help="page to open (as for 'app')")
+    p.add_argument("--sample", metavar="DIR",
+                   help="folder holding the sample slide and its pre-annotation (default: the source tree's "
+                        "data/sample; give it when slideloop is installed from a wheel, as on Binder)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only build the demo project (e.g. in an image's build step) and print its folder")
     _server_args(p)
     p.set_defaults(func=cmd_demo)
 
@@ -67,9 +75,9 @@ def app_notebook_dir() -> Path:
     raise ProjectError("the review app is not installed (no review.ipynb); reinstall slideloop")
 
 
-def server_command(project: Path, port: int, ip: str, open_browser: bool, view: str = "review") -> list[str]:
+def server_command(project: Path, port: int, ip: str, open_browser: bool, view: str = DEFAULT_VIEW) -> list[str]:
     """The ``jupyter server`` command line of the app (Voilà + tile server as extensions); ``view`` picks the
-    notebook the browser opens (both are served either way)."""
+    notebook the browser opens (all are served either way)."""
     return [
         sys.executable, "-m", "jupyter_server",
         f"--ServerApp.root_dir={app_notebook_dir()}",
@@ -88,7 +96,7 @@ def server_command(project: Path, port: int, ip: str, open_browser: bool, view: 
     ]
 
 
-def run_app(project: Path, port: int, ip: str, open_browser: bool, view: str = "review") -> int:
+def run_app(project: Path, port: int, ip: str, open_browser: bool, view: str = DEFAULT_VIEW) -> int:
     with Project.open(project) as proj:  # a clear error now beats a blank page later
         # the deployment view can upload a slide into an empty project; the review app needs one
         if not proj.slides() and view == "review":
@@ -102,7 +110,7 @@ def run_app(project: Path, port: int, ip: str, open_browser: bool, view: str = "
     if not env.get(SCHEDULER_ENV):
         env[SCHEDULER_ENV] = cluster.enter_context(job_cluster())
     host = "localhost" if ip in ("localhost", "127.0.0.1", "0.0.0.0", "") else ip
-    what = "deployment view" if view == "deploy" else "review app"
+    what = {"home": "app", "review": "review app", "deploy": "deployment view"}[view]
     print(f"slideloop: {what} for {project} (Ctrl-C to stop)\n"
           f"    To open it, copy and paste this URL into a browser:\n"
           f"        http://{host}:{port}/voila/render/{VIEWS[view]}?token={token}", flush=True)
@@ -128,11 +136,14 @@ def sample_dir() -> Path:
     return folder
 
 
-def build_demo(folder: Path) -> Path:
-    """Make the demo project (sample slide, 256-px patch grid, its pre-annotation) unless it exists."""
+def build_demo(folder: Path, sample: Path | None = None) -> Path:
+    """Make the demo project (sample slide, 256-px patch grid, its pre-annotation) unless it exists; the sample
+    comes from ``sample`` or the source tree."""
     if (folder / "project.db").is_file():
         return folder
-    sample = sample_dir()
+    sample = sample or sample_dir()
+    if not (sample / f"{SAMPLE_NAME}.svs").is_file():
+        raise ProjectError(f"{sample}: no {SAMPLE_NAME}.svs here (the bundled sample is in data/sample)")
     with Project.create(folder) as proj:
         proj.add_slide(sample / f"{SAMPLE_NAME}.svs")
         proj.build_grid(GridSpec(patch=256))
@@ -142,5 +153,8 @@ def build_demo(folder: Path) -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    folder = build_demo(Path(args.dir))
-    return run_app(folder, args.port, args.ip, not args.no_browser)
+    folder = build_demo(Path(args.dir), Path(args.sample) if args.sample else None)
+    if args.prepare_only:
+        print(folder.resolve(), flush=True)
+        return 0
+    return run_app(folder, args.port, args.ip, not args.no_browser, args.view)

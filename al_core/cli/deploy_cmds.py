@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("export", help="export a trained model version to ONNX (settings in its metadata)")
     add_project_arg(p)
     p.add_argument("--model", default="latest", metavar="V", help="model id or 'latest' (default)")
-    p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="ONNX file to write")
     p.add_argument("--overlap", type=int, help="sliding-window overlap in px for inference (default: from the grid)")
     p.add_argument("--push", metavar="NAME", help="also push it to the project's deployed models under NAME")
     p.add_argument("--overwrite", action="store_true", help="with --push: replace a deployed model of that name")
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("push", help="add an ONNX model to the project's deployed models (the deployment view)")
     add_project_arg(p)
-    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("model", metavar="MODEL.onnx", help="ONNX file (from 'slideloop export' or elsewhere)")
     p.add_argument("--name", help="name in the registry (default: the file name without suffix)")
     p.add_argument("--overwrite", action="store_true", help="replace a deployed model of the same name")
     add_json_arg(p)
@@ -36,19 +36,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("infer", help="segment whole slides with an ONNX model into pyramidal TIFF class maps")
     p.add_argument("model", metavar="MODEL", help="ONNX file (or a deployed model's folder)")
-    p.add_argument("slides", nargs="+", metavar="SLIDE")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files to segment")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="OUT.tiff for one slide; a folder for several slides or with --scheduler")
     p.add_argument("--config", metavar="FILE", help="settings for a model made elsewhere: JSON, TOML or a "
                                                     "FastPathology model .txt (default: the model's metadata)")
     p.add_argument("--mpp", type=float, help="µm per pixel of the slide(s) where the file has none")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="patches per ONNX Runtime call (default 4)")
     p.add_argument("--overlap", type=int, help="override the model's sliding-window overlap (px)")
     p.add_argument("--min-tissue", type=float, help="tissue fraction a patch needs (0 = predict every patch)")
     p.add_argument("--no-tissue-mask", action="store_true", help="keep predictions outside the tissue mask")
     p.add_argument("--probabilities", action="store_true", help="also write OUT.probabilities.tiff")
     p.add_argument("--no-geojson", action="store_true", help="do not write OUT.geojson polygons")
-    p.add_argument("--compression", default="deflate", choices=("deflate", "zstd", "lzw", "none"))
+    p.add_argument("--compression", default="deflate", choices=("deflate", "zstd", "lzw", "none"),
+                   help="TIFF compression of the class map (default deflate)")
     p.add_argument("--providers", nargs="+", metavar="EP", help="ONNX Runtime execution providers (default: best)")
     p.add_argument("--scheduler", metavar="ADDR", help="dask.distributed scheduler address (default: local)")
     p.add_argument("--workers", type=int, default=1, help="local Dask worker processes for several slides")
