@@ -11,7 +11,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +69,32 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def http_status(url: str) -> int:
+    """The HTTP status of a GET (error statuses too, not raised)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+
+
+def wait_until_up(proc: subprocess.Popen[bytes], probe: Callable[[], int], log: Path, what: str,
+                  timeout: float) -> None:
+    """Poll ``probe`` until it answers 200; fail with the process log if it exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited ({proc.returncode}):\n{log.read_text(errors='replace')}")
+        try:
+            if probe() == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start in {timeout} s:\n{log.read_text(errors='replace')}")
+        time.sleep(0.3)
+
+
 @contextmanager
 def app_server(project: Path, workdir: Path, base_url: str = "/", timeout: float = 90,
                extra_args: tuple[str, ...] = ()) -> Iterator[AppServer]:
@@ -88,18 +114,7 @@ def app_server(project: Path, workdir: Path, base_url: str = "/", timeout: float
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     server = AppServer(f"http://127.0.0.1:{port}{base_url}", token, proc, log, base_url)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}):\n{server.log_text()}")
-            try:
-                if server.get("api/status")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start in {timeout} s:\n{server.log_text()}")
-            time.sleep(0.3)
+        wait_until_up(proc, lambda: server.get("api/status")[0], log, "the server", timeout)
         yield server
     finally:
         proc.terminate()

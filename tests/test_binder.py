@@ -12,15 +12,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _browser import CHROMIUM, CHROMIUM_ARGS, free_port, outside_requests
+from _browser import CHROMIUM, CHROMIUM_ARGS, free_port, http_status, outside_requests, wait_until_up
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,14 +48,6 @@ def _checkout(dest: Path) -> None:
         if src.is_file():  # a tracked file deleted in the working tree is not in a clone of it either
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
-
-
-def _get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status
-    except urllib.error.HTTPError as err:
-        return err.code
 
 
 @pytest.fixture(scope="module")
@@ -99,18 +88,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
         proc = subprocess.Popen(cmd, cwd=home, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}{BASE}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({proc.returncode}):\n{log.read_text(errors='replace')}")
-            try:
-                if _get(f"{url}api/status?token={token}") == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start:\n{log.read_text(errors='replace')}")
-            time.sleep(0.3)
+        wait_until_up(proc, lambda: http_status(f"{url}api/status?token={token}"), log, "the Binder server", 90)
         yield Session(url, token, home)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

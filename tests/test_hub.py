@@ -12,16 +12,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _browser import CHROMIUM, CHROMIUM_ARGS, free_port
+from _browser import CHROMIUM, CHROMIUM_ARGS, free_port, http_status, wait_until_up
 from sqlalchemy import select
 
 from al_core.grid import GridSpec
@@ -57,14 +54,6 @@ def _free_low_port() -> int:
                 continue
             return port
     raise RuntimeError("no free port in 20000-32000")
-
-
-def _http_get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status
-    except urllib.error.HTTPError as err:
-        return err.code
 
 
 @pytest.fixture(scope="module")
@@ -109,18 +98,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory, sample_svs: Path, sample_geojs
         proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(work / "jupyterhub_config.py")],
                                 cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"jupyterhub exited ({proc.returncode}):\n{log.read_text(errors='replace')}")
-            try:
-                if _http_get(f"{url}/hub/api/") == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"jupyterhub did not start:\n{log.read_text(errors='replace')}")
-            time.sleep(0.3)
+        wait_until_up(proc, lambda: http_status(f"{url}/hub/api/"), log, "jupyterhub", 60)
         yield Hub(url, f"tcp://127.0.0.1:{sched_port}", projects, log)
     finally:
         proc.terminate()  # the hub stops the proxy, the users' servers and its services
