@@ -30,9 +30,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all")
     p.add_argument("--no-augment", action="store_true", help="train without the paper's augmentation")
     p.add_argument("--class-weights", action="store_true", help="median-frequency class weights in the loss")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: AMP on CUDA, bf16 on CPUs with native bf16, else fp32")
+    _add_device_args(p)
     add_json_arg(p)
     p.set_defaults(func=cmd_train)
 
@@ -42,9 +40,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="patches per forward pass (default 8)")
     p.add_argument("--factor", type=int, default=4, help="store probability maps reduced by this factor")
     p.add_argument("--tta", action="store_true", help="also score flip test-time-augmentation disagreement")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: AMP on CUDA, bf16 on CPUs with native bf16, else fp32")
+    _add_device_args(p)
     add_json_arg(p)
     p.set_defaults(func=cmd_predict)
 
@@ -73,6 +69,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_json_arg(p)
     p.set_defaults(func=cmd_metrics)
 
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --precision, the same for training and prediction."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: AMP on CUDA, bf16 on CPUs with native bf16, else fp32")
 
 def _model_ref(value: str | None) -> int | str | None:
     return int(value) if value is not None and value.isdigit() else value
