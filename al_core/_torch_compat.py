@@ -43,7 +43,7 @@ def ensure_torchvision_importable() -> bool:
     import torch
 
     try:
-        torch.ops.load_library(str(libs[0]))
+        torch.ops.load_library(str(libs[0]))  # type: ignore[no-untyped-call]
         return False
     except (OSError, RuntimeError) as err:
         log.info("torchvision extension unavailable (%s); declaring its fake-registered ops", err)

@@ -1,48 +1,82 @@
-"""The exceptions of slideloop: each names the file or object at fault and what is wrong with it."""
+"""The exceptions of slideloop: each names the file or object at fault and what is wrong with it, in domain words.
+
+Messages never name command-line flags: the CLI adds its own hints (:data:`al_core.cli.HINTS`), the apps theirs.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 
 class SlideloopError(Exception):
     """Base class: an error a user can act on (the CLI prints it as one line, no traceback)."""
 
 
-class SlideError(SlideloopError):
+class _AtSource(SlideloopError):
+    """An error about one file or object: ``"<source>: <problem>"``."""
+
+    def __init__(self, source: str | os.PathLike[str], problem: str) -> None:
+        self.source = str(source)
+        self.problem = problem
+        super().__init__(f"{self.source}: {problem}")
+
+    @property
+    def path(self) -> str:
+        """The file (or object) at fault."""
+        return self.source
+
+
+class SlideError(_AtSource):
     """A slide file cannot be opened or read."""
 
-    def __init__(self, path: str | Path, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+
+class ScaleError(SlideError):
+    """A slide's scale (µm per pixel) is unknown where it is needed, or it cannot be read at a wanted scale."""
 
 
 class ProjectError(SlideloopError):
     """A project path is not a project, or an operation does not fit the project's state."""
 
 
+class NoGridError(ProjectError):
+    """The project has no patch grid yet (or the grid has no patches)."""
+
+
+class NoModelError(ProjectError):
+    """The project has no finished model version (or none with the wanted predictions)."""
+
+
 class SchemaError(ProjectError):
     """The project database has a schema this version of slideloop cannot use."""
 
 
-class LabelError(SlideloopError):
+class LabelError(_AtSource):
     """A label file (GeoJSON, mask tile, label image) is malformed or does not fit the project."""
-
-    def __init__(self, source: str | Path, problem: str) -> None:
-        self.source = str(source)
-        self.problem = problem
-        super().__init__(f"{self.source}: {problem}")
 
 
 class TrainingError(SlideloopError):
     """Training cannot start or run: no labelled patches, a single class present, a bad setting."""
 
 
-class CheckpointError(SlideloopError):
+class CheckpointError(_AtSource):
     """A model checkpoint is missing, corrupt, or does not fit the project (class set, architecture)."""
 
-    def __init__(self, path: str | Path, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+
+class ModelConfigError(_AtSource, ValueError):
+    """A model file or its inference config is unusable."""
+
+
+class ExportError(SlideloopError):
+    """Export failed or the exported model does not reproduce the torch model."""
+
+
+class InferenceError(SlideloopError):
+    """Inference over a slide failed; the message names the slide or model."""
+
+
+class StainError(SlideloopError, ValueError):
+    """Stain separation cannot be done on this image."""
+
+
+class TileRangeError(SlideloopError, ValueError):
+    """A tile index outside the pyramid (negative, beyond the slide, or above the top zoom)."""

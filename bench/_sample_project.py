@@ -5,8 +5,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from al_core.grid import GridSpec
-from al_core.project import Project
+from al_core.project.project import Project
+from al_core.wsi.grid import GridSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_SVS = ROOT / "data" / "sample" / "CMU-1-Small-Region.svs"

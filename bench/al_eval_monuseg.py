@@ -9,8 +9,8 @@ budget per round: ``iou`` (lowest prediction-vs-label IoU, the NoCodeSeg rule), 
 not-yet-reviewed patches) and ``random``. Test IoU/Dice (binary, nucleus class) is measured on held-out
 images, split by image, never seen in training.
 
-Data: /work/shared/data/seg/monuseg (research-use terms: read in place, never copied into the repository;
-the script skips cleanly when it is absent). Reference: InstantDL reports a median Jaccard of 0.57 for
+Data: ``../shared/data/seg/monuseg`` beside the repository (research-use terms: read in place, never copied into
+the repository; the script skips cleanly when it is absent; ``--data`` points elsewhere). Reference: InstantDL reports a median Jaccard of 0.57 for
 semantic segmentation of this nuclei set with a U-Net.
 
     python bench/al_eval_monuseg.py                       # small CPU setting (minutes)
@@ -34,15 +34,18 @@ from rasterio import features
 from shapely import affinity
 from shapely.geometry import box, shape
 
-from al_core.grid import GridSpec
-from al_core.metrics import aggregate, confusion
-from al_core.model import checkpoint_path, load_model, preprocess, resolve_model
-from al_core.predict import predict
-from al_core.project import Project
-from al_core.rank import IoURanker, RandomRanker, UncertaintyRanker, scores_frame
-from al_core.train import TrainOptions, train
+from al_core.learn.checkpoint import load_model
+from al_core.learn.metrics import aggregate, confusion
+from al_core.learn.model import preprocess
+from al_core.learn.predict import predict
+from al_core.learn.rank import IoURanker, RandomRanker, UncertaintyRanker, scores_frame
+from al_core.learn.train import TrainOptions, train
+from al_core.project.project import Project
+from al_core.wsi.grid import GridSpec
 
-DATA = Path("/work/shared/data/seg/monuseg")
+#: the shared data folder beside the repository (``<repo>/../shared/data``), as the other benchmarks find it
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA / "seg" / "monuseg"
 INSTANTDL_MEDIAN_JACCARD = 0.57
 
 
@@ -79,14 +82,15 @@ def label_patch(proj: Project, patch, gt: np.ndarray, rng: np.random.Generator |
     if rng is not None and geoms:
         drop = rng.uniform(0.0, 0.8)
         geoms = [g for g in geoms if rng.random() >= drop]
-    retire = [aid for aid, _, g in proj.annotations(patch.slide_id, region=clip.bounds) if g.intersects(clip)]
-    proj.add_label_version(patch.slide_id, [(1, g) for g in geoms], author=author, retire=retire,
-                           patch_id=patch.id, message="reveal" if rng is None else "pre-annotation")
+    # one version: whatever lay inside the patch is replaced, and the patch counts as reviewed (labelled)
+    what = "reveal" if rng is None else "pre-annotation"
+    proj.labels.edit(patch.slide_id, clip, [(1, g) for g in geoms], author=author, message=what, action=what,
+                     patch=patch)
 
 
 def test_scores(proj: Project, test: list[tuple[str, Path, np.ndarray]], downsample: float) -> dict:
     """Binary nucleus IoU/Dice on whole held-out images (read at the grid's downsample), per image → mean."""
-    model, cfg = load_model(checkpoint_path(proj, resolve_model(proj, "latest")))
+    model, cfg = load_model(proj.models.checkpoint(proj.models.resolve("latest")))
     model = model.to(memory_format=torch.channels_last)
     names, cms = [], []
     for name, img_path, gt in test:
@@ -126,7 +130,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("al_eval_monuseg.png"))
     args = ap.parse_args()
     if not (args.data / "manifest.csv").is_file():
-        print(f"MoNuSeg not found at {args.data}; skipping (see /work/shared/data/README.md)")
+        print(f"MoNuSeg not found at {args.data}; skipping (see {SHARED_DATA / 'README.md'})")
         return 0
     torch.manual_seed(args.seed)
     items = load_set(args.data)

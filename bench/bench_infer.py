@@ -1,6 +1,6 @@
 """Whole-slide inference benchmark: the full pipeline vs the raw ONNX Runtime bound, with the stage table.
 
-For each slide the same tissue patches are (1) run through :func:`al_core.infer.infer_slide` (read,
+For each slide the same tissue patches are (1) run through :func:`al_core.deploy.infer.infer_slide` (read,
 preprocess, infer, blend, write the pyramidal TIFF, GeoJSON) and (2) pre-read into memory and pushed through
 ``session.run`` alone, batch by batch, with no I/O (timed before and after the pipeline; ``raw_spread`` is
 the difference, a measure of how much the machine's load drifted). ``pipeline/raw`` is the raw time over
@@ -36,8 +36,8 @@ def make_model(out: Path, encoder: str, patch: int, target_mpp: float, overlap: 
     import segmentation_models_pytorch as smp
     import torch
 
-    from al_core.export import export_onnx
-    from al_core.model_config import IMAGENET_MEAN, IMAGENET_STD
+    from al_core._constants import IMAGENET_MEAN, IMAGENET_STD
+    from al_core.deploy.export import export_onnx
 
     torch.manual_seed(0)
     model = smp.Unet(encoder, encoder_weights=None, classes=2).eval()
@@ -49,7 +49,7 @@ def make_model(out: Path, encoder: str, patch: int, target_mpp: float, overlap: 
 
 def make_large_slide(out: Path, tiles: tuple[int, int]) -> Path:
     """A 40x (0.25 µm/px) pyramidal TIFF: the sample's tissue upsampled 2x and tiled ``tiles`` (nx, ny)."""
-    from al_core.slides import open_slide
+    from al_core.wsi.slides import open_slide
 
     with open_slide(SAMPLE) as s:
         base = s.read((0, 0), s.dimensions, downsample=1.0)
@@ -71,27 +71,21 @@ def make_large_slide(out: Path, tiles: tuple[int, int]) -> Path:
 
 
 def raw_batches(model: Path, slide_path: Path, batch_size: int) -> list[np.ndarray]:
-    """The pipeline's tissue patches for ``slide_path``, pre-read and normalised, in its batches."""
-    from al_core.grid import GridSpec, grid_boxes, tissue_fractions
-    from al_core.infer import OnnxSegmenter, model_downsample
-    from al_core.slides import open_slide
-    from al_core.tissue import compute_tissue
+    """The pipeline's tissue patches for ``slide_path`` (its own plan: scale, grid, tissue), pre-read and
+    normalised, in its batches."""
+    from al_core.deploy.plan import plan_slide
+    from al_core.deploy.segmenter import OnnxSegmenter
+    from al_core.wsi.slides import open_slide
 
     seg = OnnxSegmenter(model)
-    cfg = seg.config
+    plan = plan_slide(seg.config, slide_path)
+    ds, p = plan.downsample, plan.patch
+    corners = list(zip(plan.xs.tolist(), plan.ys.tolist(), strict=True))
+    batches = []
     with open_slide(slide_path) as slide:
-        ds = model_downsample(cfg, slide)
-        w, h = slide.dimensions
-        mw, mh = round(w / ds), round(h / ds)
-        p = cfg.input_size[0]
-        boxes = grid_boxes(mw, mh, GridSpec(patch=p, overlap=cfg.overlap, downsample=1.0), 1.0)
-        tissue = compute_tissue(slide)
-        keep = np.flatnonzero(tissue_fractions(boxes, tissue.mask, tissue.downsample / ds) >= cfg.min_tissue)
-        batches = []
-        for i in range(0, len(keep), batch_size):
-            idx = keep[i:i + batch_size]
-            rgb = np.stack([slide.read((round(boxes.x[j] * ds), round(boxes.y[j] * ds)), (p, p), downsample=ds)
-                            for j in idx])
+        for i in range(0, len(corners), batch_size):
+            rgb = np.stack([slide.read((round(x * ds), round(y * ds)), (p, p), downsample=ds)
+                            for x, y in corners[i:i + batch_size]])
             batches.append(seg.normalise(rgb.astype(np.float32)))
     return batches
 
@@ -105,7 +99,8 @@ def time_raw(seg, batches: list[np.ndarray]) -> float:
 
 
 def bench(model: Path, slide: Path, out_dir: Path, batch_size: int) -> dict:
-    from al_core.infer import OnnxSegmenter, infer_slide
+    from al_core.deploy.infer import infer_slide
+    from al_core.deploy.segmenter import OnnxSegmenter
 
     seg = OnnxSegmenter(model)
     batches = raw_batches(model, slide, batch_size)

@@ -25,12 +25,12 @@ from shapely.geometry import box
 from slideloop_apps.state import AppState
 from slideloop_apps.training import NEW_MODEL_EPOCHS, RETRAIN_EPOCHS, TrainingService, TrainSettings
 
-from al_core import rank
 from al_core.cli.app_cmds import build_demo
 from al_core.cli.job_cluster import job_cluster
-from al_core.jobs import SCHEDULER_ENV
-from al_core.project import Project
-from al_core.store import JobRow, ModelRow
+from al_core.learn import rank
+from al_core.project.jobs import SCHEDULER_ENV
+from al_core.project.project import Project
+from al_core.project.schema import JobRow, ModelRow
 
 POLL_S = 1.0  # the training panel's poll interval
 

@@ -1,4 +1,4 @@
-"""Prediction throughput: ``al_core.predict.predict`` over every patch vs the raw batched forward pass.
+"""Prediction throughput: ``al_core.learn.predict.predict`` over every patch vs the raw batched forward pass.
 
 The full run reads patches from the project's pixel cache (filled beforehand, as after the first round),
 preprocesses, runs the model, computes softmax, entropy, argmax, per-patch IoU/Dice against the labels,
@@ -18,19 +18,22 @@ import time
 import torch
 from _sample_project import sample_project, table  # bench/ runs as a script folder
 
-from al_core.dataset import PatchCache
-from al_core.model import build_model, config_from_project, preprocess, save_checkpoint
-from al_core.predict import predict
-from al_core.store import ModelRow
-from al_core.train import autocast_dtype, pick_device
+from al_core.learn.checkpoint import save_checkpoint
+from al_core.learn.dataset import open_cache
+from al_core.learn.device import autocast_dtype, pick_device
+from al_core.learn.model import build_model, config_for, preprocess
+from al_core.learn.predict import predict
+from al_core.project.schema import ModelRow
 
 
 def raw_pass(net: torch.nn.Module, config, device: torch.device, amp, batch: int, n: int) -> float:
     x8 = torch.randint(0, 256, (batch, 3, config.patch, config.patch), dtype=torch.uint8, device=device)
     batches = -(-n // batch)
     with torch.inference_mode():
-        for _ in range(2):  # warm-up
-            net(preprocess(x8, config).contiguous(memory_format=torch.channels_last))
+        for _ in range(2):  # warm-up, in the timed precision (bf16 kernels are built on their first call)
+            x = preprocess(x8, config).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                torch.softmax(net(x).float(), 1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -53,7 +56,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     proj = sample_project(args.patch)
-    config = config_from_project(proj, encoder=args.encoder)
+    config = config_for(proj.classes(), proj.grid_spec(), encoder=args.encoder)
     device = pick_device(args.device)
     amp = autocast_dtype(device, args.precision)
     torch.manual_seed(0)
@@ -63,7 +66,7 @@ def main() -> None:
         s.add(ModelRow(status="done", checkpoint="models/bench.pt"))
     net = net.eval().to(device=device, memory_format=torch.channels_last)
     n = len(proj.patches())
-    PatchCache(proj).ensure()
+    open_cache(proj).ensure()
     print(f"{args.encoder} U-Net, {args.patch} px, batch {args.batch}, {device}, "
           f"{'fp32' if amp is None else amp}, {torch.get_num_threads()} threads; {n} patches "
           f"({len(proj.labelled_patch_ids())} labelled)")

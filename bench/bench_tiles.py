@@ -21,13 +21,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "apps"))  # the app-server and browser helpers of the tests
 
 from _browser import app_server, browser_page  # noqa: E402
 
 from al_core.cli.app_cmds import build_demo  # noqa: E402
-from al_core.project import Project  # noqa: E402
-from al_core.tiles import Pyramid, render_slide_tile  # noqa: E402
+from al_core.project.project import Project  # noqa: E402
+from al_core.tiles.pyramid import Pyramid  # noqa: E402
+from al_core.tiles.render import render_slide_tile  # noqa: E402
 
 
 def all_tiles(pyr: Pyramid) -> list[tuple[int, int, int]]:

@@ -1,6 +1,6 @@
 """Training throughput: the full slideloop training step vs the raw model step, same shapes, same run.
 
-The full step is ``al_core.train.train`` on the bundled sample (patch cache, dataset, the paper's augmentation,
+The full step is ``al_core.learn.train.train`` on the bundled sample (patch cache, dataset, the paper's augmentation,
 DataLoader, preprocessing, loss, backward, Adam, progress callback), timed between consecutive step reports.
 The raw step is forward + cross-entropy + backward + Adam on random tensors already in memory, with the same
 model, batch, precision and channels_last. Goal: full / raw >= 0.8 (the data pipeline is not the bottleneck).
@@ -19,8 +19,9 @@ import time
 import torch
 from _sample_project import sample_project, table  # bench/ runs as a script folder
 
-from al_core.model import build_model, config_from_project, preprocess
-from al_core.train import Progress, TrainOptions, autocast_dtype, pick_device, train
+from al_core.learn.device import autocast_dtype, pick_device
+from al_core.learn.model import build_model, config_for, preprocess
+from al_core.learn.train import Progress, TrainOptions, train
 
 
 def raw_steps(config, device: torch.device, amp, batch: int, steps: int) -> list[float]:
@@ -58,7 +59,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args()
     proj = sample_project(args.patch)
-    config = config_from_project(proj, encoder=args.encoder)
+    config = config_for(proj.classes(), proj.grid_spec(), encoder=args.encoder)
     device = pick_device(args.device)
     amp = autocast_dtype(device, args.precision)
     n_lab = len(proj.labelled_patch_ids())

@@ -1,6 +1,6 @@
 """Small models for the export/inference tests: a tiny randomly initialised smp Unet, and a fixed
 'darkness' convolution whose correct output is known, so stitching can be compared with a direct
-full-image prediction."""
+full-image prediction; and the check of an inference run's stage timings."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from al_core._constants import IMAGENET_MEAN, IMAGENET_STD
 from al_core._torch_compat import ensure_torchvision_importable
-from al_core.model_config import IMAGENET_MEAN, IMAGENET_STD
 
 SHELL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "lavlab-shell-v1"
 SHELL_MODEL = SHELL_DIR / "model_v1.onnx"
@@ -62,3 +62,24 @@ def darkness_reference(rgb: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
     with torch.no_grad():
         return torch.softmax(Darkness()(x), dim=1)[0].numpy()
+
+
+#: timings are rounded to 0.1 ms each; sums of rounded stages may exceed the rounded total by that much
+ROUNDING = 1e-3
+
+
+def check_timings(t: dict[str, float], *, geojson: bool) -> None:
+    """Every stage that did work took time, none longer than the run, and the stages that run one after the
+    other in the same thread add up to no more than the run (concurrent ones may add up to more)."""
+    from al_core.deploy.infer import STAGES
+
+    assert set(t) == set(STAGES)
+    busy = [s for s in STAGES if s != "total" and (geojson or s != "geojson")]
+    for stage in busy:
+        assert 0 < t[stage] <= t["total"] + ROUNDING, (stage, t)
+    # the calling thread plans the patches, then runs ONNX Runtime (reading and stitching run beside it)
+    assert t["patch_generation"] + t["inference"] <= t["total"] + ROUNDING, t
+    # the stitcher thread converts outputs and blends; the final flush follows it
+    assert t["output"] + t["stitching"] <= t["total"] + ROUNDING, t
+    if not geojson:
+        assert t["geojson"] == 0

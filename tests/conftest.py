@@ -1,10 +1,17 @@
-"""Shared fixtures: the bundled real sample and small slides generated with tifffile."""
+"""Shared fixtures: the bundled real sample, small slides generated with tifffile, the database a test runs on
+(``db_url``: SQLite and PostgreSQL), and (built once per session, only when a test asks) a trained tiny model's
+project and small ONNX models.
+
+Only this one conftest.py: a second one outside a package would replace this module as ``conftest`` in
+``sys.modules`` and break ``from conftest import run_cli, write_pyramid, tissue_image`` in later test files.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +84,102 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subproce
     if check and proc.returncode != 0:
         raise AssertionError(f"slideloop {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+# --- databases: the project's own SQLite file, or PostgreSQL (a throwaway cluster, tests/_pg.py) ---------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """URL of a PostgreSQL server for this session: ``$SLIDELOOP_TEST_PG_URL``, else a throwaway cluster."""
+    from _pg import URL_ENV, pg_bin, pg_cluster
+
+    if os.environ.get(URL_ENV):
+        yield os.environ[URL_ENV]
+        return
+    if pg_bin() is None:
+        pytest.skip("PostgreSQL's server programs (initdb, pg_ctl) are not installed")
+    with pg_cluster() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str | None:
+    """``None`` (the project folder's own SQLite file) or the URL of a new, empty PostgreSQL database: pass it
+    to ``Project.create``/``Project.open`` and the test runs on both."""
+    if request.param == "sqlite":
+        return None
+    from _pg import new_database
+
+    return new_database(request.getfixturevalue("pg_server"))
+
+
+# --- built once per session, on first use -------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, sample_svs: Path, sample_geojson: Path) -> tuple[Path, int]:
+    """A project with the sample labelled, one tiny trained model and its predictions (engines disposed).
+
+    Shared by every test of al_core.learn: tests that change the project work on a copy (``_engine.clone``).
+    """
+    from _engine import FAST, TINY, make_project
+
+    from al_core.learn.predict import predict
+    from al_core.learn.train import train
+
+    root = tmp_path_factory.mktemp("engine") / "proj"
+    with make_project(root, sample_svs, sample_geojson) as proj:
+        res = train(proj, FAST, **TINY)
+        assert res.status == "done"
+        predict(proj, res.model_id, batch_size=16)
+    return root, res.model_id
+
+
+@pytest.fixture(scope="session")
+def dark_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixed 'darkness' convolution as ONNX (its correct output is known: see _deploy_models)."""
+    from _deploy_models import Darkness, darkness_metadata
+
+    from al_core.deploy.export import export_onnx
+
+    p = tmp_path_factory.mktemp("dark") / "dark.onnx"
+    export_onnx(Darkness(), p, darkness_metadata())
+    return p
+
+
+@pytest.fixture(scope="session")
+def unet_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny randomly initialised smp U-Net as ONNX (128 px, 2 classes, 2 µm/px)."""
+    from _deploy_models import tiny_unet, unet_metadata
+
+    from al_core.deploy.export import export_onnx
+
+    p = tmp_path_factory.mktemp("unet") / "unet.onnx"
+    export_onnx(tiny_unet(), p, unet_metadata())
+    return p
+
+
+@pytest.fixture(scope="session")
+def real_patches(sample_svs: Path) -> np.ndarray:
+    """Eight 128 px patches of real tissue read at 2 µm/px from the bundled sample."""
+    from al_core.wsi.slides import open_slide
+
+    with open_slide(sample_svs) as s:
+        return np.stack([s.read((300 + 180 * i, 400 + 150 * (i % 4)), (128, 128), target_mpp=2.0)
+                         for i in range(8)])
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory, real_patches: np.ndarray):
+    """The tiny U-Net exported with full metadata and a parity check on real patches: (path, model, report)."""
+    from _deploy_models import tiny_unet, unet_metadata
+
+    from al_core.deploy.config import InferenceConfig
+    from al_core.deploy.export import export_onnx, normalise_patches
+
+    path = tmp_path_factory.mktemp("export") / "model.onnx"
+    model = tiny_unet()
+    cfg = InferenceConfig.from_dict({k: v for k, v in unet_metadata().items() if k != "metrics"})
+    report = export_onnx(model, path, unet_metadata(), check_inputs=normalise_patches(real_patches, cfg))
+    return path, model, report

@@ -9,14 +9,28 @@ import sys
 from collections.abc import Sequence
 
 from al_core import __version__
-from al_core.errors import SlideloopError
+from al_core.errors import NoGridError, NoModelError, ScaleError, SlideloopError
 
 #: modules whose ``register`` adds subcommands, in help order
 COMMAND_MODULES = ("al_core.cli.project_cmds", "al_core.cli.model_cmds", "al_core.cli.app_cmds",
                    "al_core.cli.deploy_cmds")
 
 
+#: what to type next, after the core's own message, per error type (the core speaks in domain words only)
+HINTS: dict[type[BaseException], str] = {
+    ScaleError: "give the slide's µm per pixel with --mpp (e.g. 0.25 for 40x)",
+    NoGridError: "cut the patch grid with 'slideloop grid PROJECT'",
+    NoModelError: "train one with 'slideloop train PROJECT' (then 'slideloop predict PROJECT')",
+}
+
+
+def hint_for(err: BaseException) -> str | None:
+    """The CLI hint for an error, if its type (or a base type) has one."""
+    return next((h for t, h in HINTS.items() if isinstance(err, t)), None)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``slideloop`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="slideloop",
         description="Active-learning segmentation for whole-slide images: annotate, train, review, deploy.",
@@ -30,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for a user error, printed as one line)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -38,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SlideloopError, ValueError, FileNotFoundError) as err:
         if args.verbose:
             raise
-        print(f"slideloop {args.command}: error: {err}", file=sys.stderr)
+        hint = hint_for(err)
+        print(f"slideloop {args.command}: error: {err}" + (f" ({hint})" if hint else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"slideloop {args.command}: interrupted", file=sys.stderr)

@@ -7,22 +7,31 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from al_core.project import Project
+from al_core.project.project import Project
 
 
 def add_project_arg(p: argparse.ArgumentParser) -> None:
+    """The PROJECT positional argument."""
     p.add_argument("project", metavar="PROJECT", help="project folder")
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:
+    """The --json flag."""
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
 def open_project(args: argparse.Namespace) -> Project:
+    """The project the command names."""
     return Project.open(args.project)
 
 
+def model_ref(value: str | None) -> int | str | None:
+    """``--model``/``--from`` as a model reference: digits become an id, anything else stays (``latest``)."""
+    return int(value) if value is not None and value.isdigit() else value
+
+
 def emit_json(data: Any) -> None:
+    """Print ``data`` as indented JSON."""
     print(json.dumps(data, indent=2, default=str))
 
 

@@ -19,12 +19,10 @@ from pathlib import Path
 
 from al_core.cli.job_cluster import job_cluster
 from al_core.errors import ProjectError
-from al_core.grid import GridSpec
-from al_core.jobs import SCHEDULER_ENV
-from al_core.project import Project
+from al_core.project.jobs import SCHEDULER_ENV
+from al_core.project.project import PROJECT_ENV, Project
+from al_core.wsi.grid import GridSpec
 
-#: environment variable naming the project for the tile server and the app's kernel
-PROJECT_ENV = "SLIDELOOP_PROJECT"
 APP_NOTEBOOK = "review.ipynb"
 #: the app's views: --view name → notebook in the apps folder
 VIEWS = {"home": "index.ipynb", "review": APP_NOTEBOOK, "deploy": "deploy.ipynb"}
@@ -34,6 +32,7 @@ SAMPLE_NAME = "CMU-1-Small-Region"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``app`` and ``demo`` subcommands."""
     p = sub.add_parser("app", help="open the app (review, training, deployment) on a project in a browser")
     p.add_argument("project", metavar="PROJECT", help="project folder")
     p.add_argument("--view", choices=sorted(VIEWS), default=DEFAULT_VIEW,
@@ -97,6 +96,10 @@ def server_command(project: Path, port: int, ip: str, open_browser: bool, view: 
 
 
 def run_app(project: Path, port: int, ip: str, open_browser: bool, view: str = DEFAULT_VIEW) -> int:
+    """Serve the app on ``project`` (its URL printed) until it exits or Ctrl-C; returns the server's exit status.
+
+    Starts a Dask scheduler and worker for training jobs unless the environment names one; raises
+    ``ProjectError`` for the review view of a project without slides."""
     with Project.open(project) as proj:  # a clear error now beats a blank page later
         # the deployment view can upload a slide into an empty project; the review app needs one
         if not proj.slides() and view == "review":
@@ -125,6 +128,7 @@ def run_app(project: Path, port: int, ip: str, open_browser: bool, view: str = D
 
 
 def cmd_app(args: argparse.Namespace) -> int:
+    """``slideloop app``: serve the app on a project."""
     return run_app(Path(args.project), args.port, args.ip, not args.no_browser, args.view)
 
 
@@ -153,6 +157,7 @@ def build_demo(folder: Path, sample: Path | None = None) -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``slideloop demo``: build the demo project if missing, then serve the app on it (or print its folder)."""
     folder = build_demo(Path(args.dir), Path(args.sample) if args.sample else None)
     if args.prepare_only:
         print(folder.resolve(), flush=True)

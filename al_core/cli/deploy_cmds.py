@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from al_core.cli._common import add_json_arg, add_project_arg, emit_json, format_table
+from al_core.cli._common import add_json_arg, add_project_arg, emit_json, format_table, open_project
+from al_core.cli._common import model_ref as _model_ref
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``export``, ``push``, ``deployed`` and ``infer`` subcommands."""
     p = sub.add_parser("export", help="export a trained model version to ONNX (settings in its metadata)")
     add_project_arg(p)
     p.add_argument("--model", default="latest", metavar="V", help="model id or 'latest' (default)")
@@ -58,10 +60,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from al_core.export import export_project_model, push_model
-
-    cfg, parity = export_project_model(args.project, args.model, args.output, overlap=args.overlap)
-    pushed = push_model(args.project, args.output, args.push, overwrite=args.overwrite) if args.push else None
+    """``slideloop export``: write a model version as ONNX (optionally pushed) and report its ONNX/torch parity."""
+    with open_project(args) as proj:
+        res = proj.export(args.output, _model_ref(args.model), push=args.push, overwrite=args.overwrite,
+                          overlap=args.overlap)
+    cfg, parity, pushed = res.config, res.parity, res.deployed
     out: dict[str, Any] = {"output": args.output, "model_version": cfg.model_version,
                            "classes": [c.name for c in cfg.classes], "input_size": list(cfg.input_size),
                            "target_mpp": cfg.target_mpp, "overlap": cfg.overlap,
@@ -79,7 +82,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from al_core.export import push_model
+    """``slideloop push``: add an ONNX file to the project's deployed models."""
+    from al_core.deploy.registry import push_model
 
     m = push_model(args.project, args.model, args.name, overwrite=args.overwrite)
     if args.json:
@@ -90,7 +94,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_deployed(args: argparse.Namespace) -> int:
-    from al_core.export import list_deployed
+    """``slideloop deployed``: list the project's deployed models."""
+    from al_core.deploy.registry import list_deployed
 
     models = list_deployed(args.project)
     rows = [{"name": m.name, "pushed_at": m.info.get("pushed_at"), "path": str(m.path),
@@ -104,7 +109,11 @@ def cmd_deployed(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from al_core.infer import infer_many, infer_slide
+    """``slideloop infer``: segment slides with an ONNX model into class-map TIFFs; exit status 1 if any failed.
+
+    Raises ``ValueError`` when ``-o`` is neither a ``.tif``/``.tiff`` file (one slide) nor a folder."""
+    from al_core.deploy.infer import infer_slide
+    from al_core.deploy.many import infer_many
 
     kwargs: dict[str, Any] = {
         "mpp": args.mpp, "batch_size": args.batch_size, "min_tissue": args.min_tissue, "overlap": args.overlap,

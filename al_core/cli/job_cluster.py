@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from al_core.errors import ProjectError
-from al_core.jobs import RESOURCE
+from al_core.project.jobs import RESOURCE
 
 
 @contextlib.contextmanager

@@ -7,9 +7,11 @@ import sys
 from typing import Any
 
 from al_core.cli._common import add_json_arg, add_project_arg, emit_json, format_table, open_project
+from al_core.cli._common import model_ref as _model_ref
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``train``, ``predict``, ``rank`` and ``metrics`` subcommands."""
     p = sub.add_parser("train", help="train a U-Net on the labelled patches; stores a new model version")
     add_project_arg(p)
     p.add_argument("--from", dest="from_model", metavar="MODEL",
@@ -70,19 +72,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_metrics)
 
 
-
 def _add_device_args(p: argparse.ArgumentParser) -> None:
     """--device and --precision, the same for training and prediction."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: AMP on CUDA, bf16 on CPUs with native bf16, else fp32")
 
-def _model_ref(value: str | None) -> int | str | None:
-    return int(value) if value is not None and value.isdigit() else value
-
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from al_core.train import Progress, TrainOptions, train
+    """``slideloop train``: train a new model version, with per-epoch progress on stderr; exit status 1 unless
+    it ran to the end."""
+    from al_core.learn.train import Progress, TrainOptions
 
     opts = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                         val_fraction=args.val_fraction, patience=args.patience, seed=args.seed,
@@ -99,9 +99,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(p.message, file=sys.stderr)
 
     with open_project(args) as proj:
-        res = train(proj, opts, from_model=_model_ref(args.from_model), encoder=args.encoder,
-                    encoder_weights=args.encoder_weights, encoder_depth=args.encoder_depth,
-                    decoder_channels=tuple(args.decoder_channels) if args.decoder_channels else None, progress=None if args.json else progress)
+        res = proj.train(opts, from_model=_model_ref(args.from_model), encoder=args.encoder,
+                         encoder_weights=args.encoder_weights, encoder_depth=args.encoder_depth,
+                         decoder_channels=tuple(args.decoder_channels) if args.decoder_channels else None,
+                         progress=None if args.json else progress)
     if args.json:
         emit_json(res.to_dict())
     else:
@@ -113,10 +114,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from al_core.predict import predict
-
+    """``slideloop predict``: predict every patch with a model version and store its probabilities and scores."""
     with open_project(args) as proj:
-        res = predict(proj, _model_ref(args.model), batch_size=args.batch_size, factor=args.factor, tta=args.tta,
+        res = proj.predict(_model_ref(args.model), batch_size=args.batch_size, factor=args.factor, tta=args.tta,
                       device=args.device, precision=args.precision)
     if args.json:
         emit_json(res.to_dict())
@@ -127,11 +127,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    from al_core.rank import review_queue
-
+    """``slideloop rank``: print the review queue (worst-IoU labelled or most uncertain unlabelled patches),
+    optionally also as CSV."""
     by = args.by or ("entropy" if args.unlabelled else "iou")
     with open_project(args) as proj:
-        queue = review_queue(proj, _model_ref(args.model), by=by, fraction=args.fraction, count=args.count,
+        queue = proj.review_queue(_model_ref(args.model), by=by, fraction=args.fraction, count=args.count,
                              per_slide=args.per_slide, seed=args.seed)
     model_id = int(queue.attrs["model_id"])
     cols = ["rank", "patch_id", "slide", "col", "row", "x", "y", "size", "labelled", "iou", "dice", "entropy",
@@ -142,7 +142,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
         atomic_write_bytes(args.csv, queue.to_csv(index=False).encode())
     records: list[dict[str, Any]] = [
-        {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+        {str(k): (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
         for r in queue.to_dict(orient="records")
     ]
     if args.json:
@@ -153,10 +153,12 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from al_core.predict import stored_metrics
+    """``slideloop metrics``: pixel accuracy, IoU and Dice of a model version over all slides (and, with a test
+    set, over its train and test slides).
 
+    Warns on stderr when patches were relabelled after the prediction."""
     with open_project(args) as proj:
-        res = stored_metrics(proj, _model_ref(args.model), test_slides=args.test_slides,
+        res = proj.metrics(_model_ref(args.model), test_slides=args.test_slides,
                              test_fraction=args.test_fraction, seed=args.seed)
     if args.json:
         emit_json(res)

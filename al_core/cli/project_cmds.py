@@ -6,11 +6,13 @@ import argparse
 import sys
 
 from al_core.cli._common import add_json_arg, add_project_arg, emit_json, format_table, open_project
-from al_core.grid import GridSpec
-from al_core.project import DEFAULT_CLASSES, Project
+from al_core.project.classes import DEFAULT_CLASSES
+from al_core.project.project import Project
+from al_core.wsi.grid import GridSpec
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``init``, ``add``, ``grid``, ``labels`` and ``status`` subcommands."""
     p = sub.add_parser("init", help="create a project (SQLite) with its class list")
     add_project_arg(p)
     p.add_argument("--classes", nargs="+", metavar="NAME:#RRGGBB", default=list(DEFAULT_CLASSES),
@@ -34,7 +36,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     scale.add_argument("--downsample", type=float, help="read this many times down from level 0")
     scale.add_argument("--target-mpp", type=float,
                        help="µm per output pixel (default 1.0 = 40x read 4x down; 4x down without mpp)")
-    p.add_argument("--overlap", type=int, default=128, help="overlap in output pixels (default 128)")
+    p.add_argument("--overlap", type=int, help="overlap in output pixels (default: a quarter of the patch, 128 of 512)")
     p.add_argument("--min-tissue", type=float, default=0.25, help="drop patches under this tissue fraction")
     add_json_arg(p)
     p.set_defaults(func=cmd_grid)
@@ -68,6 +70,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    """``slideloop init``: create a project with its class list."""
     with Project.create(args.project, args.classes) as proj:
         classes = [c.__dict__ for c in proj.classes()]
     if args.json:
@@ -78,6 +81,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    """``slideloop add``: register slide files and print their size, levels, µm/px and tissue fraction."""
     if args.name and len(args.slides) > 1:
         raise ValueError("--name names one slide; give one SLIDE with it")
     added = []
@@ -94,6 +98,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
+    """``slideloop grid``: cut the tissue patch grid of every slide and print the patches per slide."""
     spec = GridSpec(patch=args.patch, overlap=args.overlap, min_tissue=args.min_tissue,
                     target_mpp=args.target_mpp, downsample=args.downsample)
     with open_project(args) as proj:
@@ -110,6 +115,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_labels_import(args: argparse.Namespace) -> int:
+    """``slideloop labels import``: import each file's label geometry as a new label version of its slide."""
     results = []
     with open_project(args) as proj:
         for f in args.files:
@@ -127,8 +133,10 @@ def cmd_labels_import(args: argparse.Namespace) -> int:
 
 
 def cmd_labels_preannotate(args: argparse.Namespace) -> int:
-    from al_core.preannotate import preannotate
+    """``slideloop labels preannotate``: a hematoxylin-threshold first-pass label version of one slide, or of
+    every slide never labelled.
 
+    Raises ``ValueError`` for an unknown ``--class``."""
     results = []
     with open_project(args) as proj:
         classes = [c for c in proj.classes() if c.idx != 0 and not c.ignore]
@@ -140,13 +148,9 @@ def cmd_labels_preannotate(args: argparse.Namespace) -> int:
         rows = [proj.slide_row(args.slide)] if args.slide else [
             r for r in proj.slides() if proj.label_version(r.id) == 0]
         for row in rows:
-            tissue = proj.tissue(row)
-            with proj.open_slide(row) as slide:
-                shapes = preannotate(slide, cls.idx, tissue.mask, tissue.downsample)
-            version = proj.add_label_version(row.id, shapes, author="preannotate",
-                                             source="hematoxylin threshold", message="pre-annotation (uncorrected)")
+            version, share = proj.preannotate(row, cls.idx)
             results.append({"slide": row.name, "class": cls.name, "version": version,
-                            "area_fraction": round(sum(g.area for _, g in shapes) / (row.width * row.height), 4)})
+                            "area_fraction": round(share, 4)})
     if args.json:
         emit_json(results)
     else:
@@ -157,6 +161,8 @@ def cmd_labels_preannotate(args: argparse.Namespace) -> int:
 
 
 def cmd_labels_export(args: argparse.Namespace) -> int:
+    """``slideloop labels export``: write a slide's current labels as QuPath GeoJSON (``--slide`` is needed
+    when the project has several)."""
     with open_project(args) as proj:
         n = proj.export_labels(args.output, slide=args.slide)
     if args.json:
@@ -167,6 +173,9 @@ def cmd_labels_export(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """``slideloop status``: the project's classes, grid and per-slide patch and label counts.
+
+    Names slides whose files are missing on stderr."""
     with open_project(args) as proj:
         st = proj.status()
     if args.json:

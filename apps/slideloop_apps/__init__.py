@@ -18,9 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from al_core.project.project import PROJECT_ENV
+
 __all__ = ["BASE_URL_ENV", "DATA_DIR", "PROJECT_ENV", "ROUTE_PREFIX"]
 
-PROJECT_ENV = "SLIDELOOP_PROJECT"
 BASE_URL_ENV = "SLIDELOOP_BASE_URL"
 #: every route of the extension lives under ``<base_url>slideloop/``
 ROUTE_PREFIX = "slideloop"

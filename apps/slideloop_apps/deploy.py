@@ -17,11 +17,9 @@ from ipyleaflet import LayersControl, LegendControl, Map, TileLayer, WidgetContr
 from al_core.errors import SlideloopError
 from slideloop_apps.deploy_state import STAGE_LABELS, DeployState
 from slideloop_apps.state import ZOOM_SNAP, fit_zoom
-from slideloop_apps.ui import message_html
+from slideloop_apps.ui import message_html, scale_bar_html
 
 MAP_HEIGHT = "660px"
-#: candidate scale-bar lengths in µm; the one drawn is 60–150 screen px long
-_SCALE_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 _CSS = """<style>
 .slideloop-title { font-size: 18px; font-weight: 600; }
 .slideloop-panel h4 { margin: 12px 0 4px 0; }
@@ -206,14 +204,7 @@ class DeployApp(w.VBox):
             return
         pyr = st.pyramid()
         px_per_screen = 2.0 ** (pyr.zmax - self.map.zoom)
-        mpp = st.project.slide_row(st.slide_id).mpp
-        unit_per_px, unit = (mpp * px_per_screen, "µm") if mpp else (px_per_screen, "px")
-        length = next((s for s in _SCALE_STEPS if s / unit_per_px >= 60), _SCALE_STEPS[-1])
-        label = f"{length / 1000:g} mm" if unit == "µm" and length >= 1000 else f"{length:g} {unit}"
-        width = max(1, round(length / unit_per_px))
-        self.scale.value = (f"<div style='background:rgba(255,255,255,.85);padding:2px 6px;font:12px sans-serif'>"
-                            f"<div style='width:{width}px;height:6px;border:2px solid #222;border-top:none'></div>"
-                            f"{label}</div>")
+        self.scale.value = scale_bar_html(st.project.slide_row(st.slide_id).mpp, px_per_screen)
 
     # --- widgets → state ---------------------------------------------------------------------------
     def _guard(self, fn: Any, *args: Any) -> None:
@@ -256,7 +247,7 @@ def _layer_opts(pyr: Any) -> dict[str, Any]:
 
 
 def _upload_types() -> list[str]:
-    from slideloop_apps.deploy_state import SLIDE_SUFFIXES
+    from al_core.project.uploads import SLIDE_SUFFIXES
 
     return list(SLIDE_SUFFIXES)
 

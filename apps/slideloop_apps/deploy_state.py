@@ -1,7 +1,7 @@
 """The deployment view's state between the widgets and :mod:`al_core`: traits only, no ipywidgets import.
 
-Runs :func:`al_core.infer.infer_slide` with a pushed model (:func:`al_core.export.list_deployed`) over a project
-slide on a background thread, so the kernel keeps answering the page (progress, other controls) while ONNX
+Runs a pushed model (:func:`al_core.deploy.registry.list_deployed`) over a project slide
+(:func:`al_core.project.runs.run_deployed`) on a background thread, so the kernel keeps answering the page (progress, other controls) while ONNX
 Runtime works. Outputs go to ``<project>/inference/<run id>/`` and are registered there (:mod:`.runs`) for the
 tile server once complete; a failed run leaves nothing behind.
 """
@@ -9,8 +9,6 @@ tile server once complete; a failed run leaves nothing behind.
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -19,26 +17,16 @@ from typing import Any
 
 from traitlets import Bool, Dict, HasTraits, Instance, Int, Unicode
 
-from al_core.errors import SlideError, SlideloopError
-from al_core.export import DeployedModel, list_deployed
-from al_core.project import Project
-from al_core.tiles import Pyramid
+from al_core.deploy.registry import DeployedModel, list_deployed
+from al_core.errors import ScaleError, SlideloopError
+from al_core.project.project import Project
+from al_core.project.runs import FILE_TYPES, InferenceRun, list_runs, load_run, run_deployed
+from al_core.project.schema import SlideRow
+from al_core.project.uploads import add_uploaded_slide
+from al_core.tiles.pyramid import Pyramid
 from slideloop_apps import PROJECT_ENV
-from slideloop_apps.runs import (
-    FILE_TYPES,
-    InferenceRun,
-    list_runs,
-    load_run,
-    new_run_id,
-    register_run,
-    run_dir,
-)
 from slideloop_apps.state import tiles_root
 
-#: where uploaded slide files are kept inside the project
-UPLOADS_DIR = "uploads"
-#: slide file types an upload may have (what al_core.slides opens)
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".png", ".jpg", ".jpeg")
 #: seconds between progress updates sent to the page (a large slide reports thousands of batches)
 PROGRESS_EVERY = 0.1
 #: the stage table's rows: (key in InferenceResult.timings, label), FastPathology's Table 2 order
@@ -89,17 +77,21 @@ class DeployState(HasTraits):
 
     # --- what the widgets show ---------------------------------------------------------------------
     def say(self, message: str, level: str = "info") -> None:
+        """Set the message the page shows and its level (``info``, ``warning`` or ``error``)."""
         self.level = level
         self.message = message
 
     def models(self) -> list[DeployedModel]:
+        """The project's deployed models."""
         return list_deployed(self.project.root)
 
     def model(self, name: str | None = None) -> DeployedModel | None:
+        """The deployed model named ``name`` (default: the chosen one), or ``None``."""
         name = self.model_name if name is None else name
         return next((m for m in self.models() if m.name == name), None)
 
     def model_choices(self) -> list[tuple[str, str]]:
+        """(label, name) of each deployed model for the model picker; the label adds its model version."""
         out = []
         for m in self.models():
             version = (m.info.get("config") or {}).get("model_version")
@@ -127,13 +119,16 @@ class DeployState(HasTraits):
         return f"{size} px patches at {scale}, overlap {cfg.get('overlap', 0)} px · classes: {classes}"
 
     def slide_choices(self) -> list[tuple[str, int]]:
+        """(name, ID) of each project slide for the slide picker."""
         return [(r.name, r.id) for r in self.project.slides()]
 
     def pyramid(self) -> Pyramid:
+        """The chosen slide's tile geometry."""
         row = self.project.slide_row(self.slide_id)
         return Pyramid(row.width, row.height)
 
     def slide_problem(self) -> str | None:
+        """Why the chosen slide cannot be run (its file is missing), or ``None``."""
         row = self.project.slide_row(self.slide_id)
         if not Path(row.path).is_file():
             return f"The file of slide '{row.name}' is missing ({Path(row.path).name} was moved or deleted)."
@@ -144,6 +139,7 @@ class DeployState(HasTraits):
         return list_runs(self.project.root, self.slide_id) if self.slide_id else []
 
     def run_choices(self) -> list[tuple[str, str]]:
+        """(UTC time · model, run ID) of the slide's finished runs, newest first, for the run picker."""
         return [(f"{r.created.replace('T', ' ')[:19]} · {r.model}", r.id) for r in self.runs()]
 
     def tile_urls(self) -> dict[str, str]:
@@ -155,7 +151,7 @@ class DeployState(HasTraits):
         return urls
 
     def download_urls(self) -> dict[str, tuple[str, str]]:
-        """kind → (URL, file name) of the shown run's outputs."""
+        """Kind → (URL, file name) of the shown run's outputs."""
         if not self.run_id:
             return {}
         files = self.result.get("files", {})
@@ -164,6 +160,7 @@ class DeployState(HasTraits):
 
     # --- actions -----------------------------------------------------------------------------------
     def select_slide(self, slide_id: int) -> None:
+        """Switch to a slide and show its latest result; ``ProjectError`` for an unknown ID."""
         self.project.slide_row(int(slide_id))  # ProjectError for an unknown id
         # drop the old slide's result first: its overlay must never be drawn over the new slide
         self.result = {}
@@ -181,6 +178,7 @@ class DeployState(HasTraits):
             self.say(f"No result for {name} yet: pick a model and press Run.")
 
     def show_latest_run(self) -> None:
+        """Show the chosen slide's newest run (none: clear the result)."""
         runs = self.runs()
         self.show_run(runs[0].id if runs else "")
 
@@ -195,23 +193,8 @@ class DeployState(HasTraits):
         self.run_id = run_id
 
     def add_upload(self, name: str, content: bytes) -> int:
-        """Save an uploaded slide file into ``<project>/uploads/`` and register it; its id."""
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).lstrip(".") or "slide"
-        if Path(safe).suffix.lower() not in SLIDE_SUFFIXES:
-            raise SlideloopError(f"{name}: not a slide file this app opens ({', '.join(SLIDE_SUFFIXES)})")
-        folder = self.project.root / UPLOADS_DIR
-        folder.mkdir(exist_ok=True)
-        dest = folder / safe
-        n = 1
-        while dest.exists():  # never overwrite a registered slide's file
-            dest = folder / f"{Path(safe).stem}-{n}{Path(safe).suffix}"
-            n += 1
-        dest.write_bytes(content)
-        try:
-            row = self.project.add_slide(dest, name=dest.stem)
-        except BaseException:
-            dest.unlink(missing_ok=True)
-            raise
+        """Save an uploaded slide file into the project and register it; its id."""
+        row = add_uploaded_slide(self.project, name, content)
         self.revision += 1
         self.select_slide(row.id)
         self.say(f"Added slide '{row.name}' ({row.width} x {row.height} px"
@@ -239,6 +222,7 @@ class DeployState(HasTraits):
         return self.level != "error"
 
     def wait(self, timeout: float | None = None) -> None:
+        """Wait up to ``timeout`` seconds (default: no limit) for the background run to end."""
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -258,17 +242,9 @@ class DeployState(HasTraits):
             return None
         self.running, self.done, self.total = True, 0, 0
         self.say(f"Running {model.name} over {row.name}…")
-        slide_path, slide_name, slide_id, mpp = Path(row.path), row.name, row.id, row.mpp
-        return lambda: self._run(model, slide_path, slide_name, slide_id, mpp)
+        return lambda: self._run(model, row)
 
-    def _run(self, model: DeployedModel, slide_path: Path, slide_name: str, slide_id: int, mpp: float | None) -> None:
-        # imported here: onnxruntime loads only when someone runs a model
-        from al_core.infer import infer_slide
-
-        run_id = new_run_id()
-        d = run_dir(self.project.root, run_id)
-        d.mkdir(parents=True)
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", slide_name) or "slide"
+    def _run(self, model: DeployedModel, slide: SlideRow) -> None:
         last = [0.0]
 
         def progress(done: int, total: int) -> None:
@@ -278,43 +254,21 @@ class DeployState(HasTraits):
                 self.total, self.done = total, done
 
         try:
-            result = infer_slide(model.path, slide_path, d / f"{stem}.tiff", mpp=mpp, progress=progress)
-            files = {"tiff": Path(result.output).name, "report": Path(result.report).name}
-            if result.geojson:
-                files["geojson"] = Path(result.geojson).name
-            cfg = model.info.get("config") or {}
-            register_run(self.project.root, run_id, {
-                "model": model.name, "model_version": cfg.get("model_version"), "model_sha256": model.info.get("sha256"),
-                "slide_id": slide_id, "slide": slide_name, "created": run_id_time(run_id),
-                "files": files, "timings": result.timings, "patches": result.patches,
-                "patches_total": result.patches_total, "class_pixels": result.class_pixels,
-                "classes": cfg.get("classes", []), "providers": result.providers, "levels": result.levels,
-                "model_mpp": result.model_mpp, "dimensions": list(result.dimensions),
-            })
+            run, result = run_deployed(self.project.root, model, slide, progress)
         except Exception as err:  # the user needs the reason in the page, whatever raised it
-            shutil.rmtree(d, ignore_errors=True)
             self.running = False
-            hint = ""
-            if isinstance(err, SlideError) and mpp is None and "microns-per-pixel" in str(err):
-                # the core's hint names the CLI flag of 'slideloop infer'; here the slide's record needs the scale
-                hint = (" Register the slide with its scale to run it here: "
-                        "'slideloop add PROJECT FILE --mpp <µm per pixel>'.")
+            hint = (" Register the slide with its scale to run it here: 'slideloop add PROJECT FILE --mpp "
+                    "<µm per pixel>'." if isinstance(err, ScaleError) and slide.mpp is None else "")
             reason = _reason(err).rstrip()
             self.say(f"The run failed: {reason}{'' if reason.endswith('.') else '.'}{hint}", "error")
             return
         self.total = self.done = max(result.patches, self.total)
         self.revision += 1
-        if self.slide_id == slide_id:
-            self.show_run(run_id)
+        if self.slide_id == slide.id:
+            self.show_run(run.id)
         self.running = False
-        self.say(f"Done: {result.patches} patches of {slide_name} in {result.timings.get('total', 0):.1f} s. "
+        self.say(f"Done: {result.patches} patches of {slide.name} in {result.timings.get('total', 0):.1f} s. "
                  "The result is on the map; the downloads and stage timings are on the right.")
-
-
-def run_id_time(run_id: str) -> str:
-    """ISO time (UTC) encoded in a run id made by :func:`new_run_id`."""
-    m = re.match(r"^(\d{4})(\d{2})(\d{2})-(\d{2})(\d{2})(\d{2})-", run_id)
-    return f"{m[1]}-{m[2]}-{m[3]}T{m[4]}:{m[5]}:{m[6]}+00:00" if m else ""
 
 
 def _reason(err: Exception) -> str:

@@ -13,7 +13,7 @@ from urllib.parse import quote
 import ipywidgets as w
 
 from al_core.errors import SlideloopError
-from al_core.project import Project
+from al_core.project.project import Project
 from slideloop_apps import PROJECT_ENV
 from slideloop_apps.ui import message_html
 

@@ -24,13 +24,11 @@ from shapely.geometry import mapping
 
 from al_core.errors import SlideloopError
 from slideloop_apps.state import ZOOM_SNAP, AppState, QueueItem, fit_zoom, patch_center, patch_outline
-from slideloop_apps.ui import message_html
+from slideloop_apps.ui import message_html, scale_bar_html
 
 MAP_HEIGHT = "640px"
 #: characters of the slide name in a queue row
 _NAME = 18
-#: candidate scale-bar lengths in µm; the one drawn is 60–150 screen px long
-_SCALE_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 _CSS = """<style>
 .slideloop-queue select { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; }
 .slideloop-title { font-size: 18px; font-weight: 600; }
@@ -204,7 +202,7 @@ class ReviewApp(w.VBox):
         colors = {c.idx: c.color for c in st.classes()}
         feats = []
         for mode, geom in st.pending:
-            scaled = _to_map(geom, pyr.zmax)
+            scaled = pyr.geometry_to_map(geom)
             color = colors.get(mode, "#000000") if mode else "#ffffff"
             feats.append({"type": "Feature", "geometry": mapping(scaled),
                           "properties": {"style": {"color": color, "fillColor": color,
@@ -239,17 +237,7 @@ class ReviewApp(w.VBox):
         st = self.state
         pyr = st.pyramid()
         px_per_screen = 2.0 ** (pyr.zmax - self.map.zoom)
-        mpp = st.mpp()
-        unit_per_px, unit = (mpp * px_per_screen, "µm") if mpp else (px_per_screen, "px")
-        length = next((s for s in _SCALE_STEPS if s / unit_per_px >= 60), _SCALE_STEPS[-1])
-        if unit == "µm" and length >= 1000:
-            label = f"{length / 1000:g} mm"
-        else:
-            label = f"{length:g} {unit}"
-        width = max(1, round(length / unit_per_px))
-        self.scale.value = (f"<div style='background:rgba(255,255,255,.85);padding:2px 6px;font:12px sans-serif'>"
-                            f"<div style='width:{width}px;height:6px;border:2px solid #222;border-top:none'></div>"
-                            f"{label}</div>")
+        self.scale.value = scale_bar_html(st.mpp(), px_per_screen)
 
     # --- widgets → state ---------------------------------------------------------------------------
     def _on_queue_pick(self, change: dict[str, Any]) -> None:
@@ -274,14 +262,6 @@ def _queue_label(q: QueueItem) -> str:
     return f"{mark} {q.slide[:_NAME]:<{_NAME}}{q.x:>6} {q.y:>6}  {iou} {unc}"
 
 
-def _to_map(geom: Any, zmax: int) -> Any:
-    import numpy as np
-    import shapely
-
-    scale = 2.0**zmax
-    return shapely.transform(geom, lambda c: np.column_stack([c[:, 0] / scale, -c[:, 1] / scale]))
-
-
 def build_app() -> w.Widget:
     """The app for the project in ``SLIDELOOP_PROJECT`` (review and training tabs), or a clear message when it
     cannot be opened."""
@@ -289,8 +269,7 @@ def build_app() -> w.Widget:
         state = AppState.from_env()
         review = ReviewApp(state)
     except SlideloopError as err:
-        return w.HTML(f"<div style='color:#8a1010;background:#fde8e8;padding:10px;border-left:4px solid #8a1010'>"
-                      f"<b>slideloop cannot open the project.</b><br>{html.escape(str(err))}</div>")
+        return w.HTML(message_html(f"slideloop cannot open the project: {err}", "error"))
     from slideloop_apps.train_panel import TrainPanel  # imports matplotlib: only once a project opened
 
     tabs = w.Tab([review, TrainPanel(state)]).add_class("slideloop-tabs")

@@ -10,14 +10,13 @@ Routes, all under ``<base_url>slideloop/`` and all behind Jupyter's own authenti
     inference/<run>/files/<kind>            that run's output as a download: tiff, geojson or report
 
 Only numeric slide ids and inference run ids appear in URLs; file paths come from the project database or the
-run's own ``run.json`` (:mod:`slideloop_apps.runs`). Decoding runs on a
+run's own ``run.json`` (:mod:`al_core.project.runs`). Decoding runs on a
 thread pool so a slow read never stalls the server's event loop (and with it every kernel websocket).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import threading
@@ -32,11 +31,13 @@ from tornado.iostream import StreamClosedError
 from traitlets import Int, Unicode
 from traitlets.config import Configurable
 
-from al_core.errors import ProjectError, SlideError
-from al_core.project import Project
-from al_core.tiles import ClassMapTiles, LRUCache, TileRangeError, TileSource
+from al_core.errors import ProjectError, SlideError, TileRangeError
+from al_core.project.project import Project
+from al_core.project.runs import FILE_TYPES, check_run_id, load_run
+from al_core.tiles.cache import LRUCache
+from al_core.tiles.class_map import ClassMapTiles
+from al_core.tiles.source import TileSource
 from slideloop_apps import BASE_URL_ENV, DATA_DIR, PROJECT_ENV, ROUTE_PREFIX
-from slideloop_apps.runs import FILE_TYPES, check_run_id, load_run
 
 SETTINGS_KEY = "slideloop_tiles"
 
@@ -76,15 +77,16 @@ class TileService:
                 if not self.project_dir:
                     raise ProjectError(f"no slideloop project configured (set {PROJECT_ENV} or "
                                        "--SlideloopTiles.project)")
-                self._source = TileSource(Project.open(self.project_dir), cache_bytes=self.cache_mb << 20,
-                                          prediction_loader=_prediction_loader())
+                self._source = TileSource(Project.open(self.project_dir), cache_bytes=self.cache_mb << 20)
             return self._source
 
     async def run(self, fn: Any, *args: Any, overlay: bool = False) -> Any:
+        """``fn(*args)``, run on the decoding pool (``overlay``: the overlays' pool) off the event loop."""
         pool = self.overlay_pool if overlay else self.pool
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     def slides_json(self) -> list[dict[str, Any]]:
+        """The registered slides: id, name, level-0 size in pixels, µm/px, top zoom and whether the file is there."""
         src = self.source()
         out = []
         for row in src.project.slides():
@@ -113,6 +115,7 @@ class TileService:
         return tiles
 
     def inference_tile(self, run_id: str, z: int, x: int, y: int) -> bytes:
+        """A tile of a registered run's class map (RGBA PNG)."""
         return self.class_map(run_id).tile(z, x, y)
 
     def inference_file(self, run_id: str, kind: str) -> Path:
@@ -120,24 +123,11 @@ class TileService:
         return load_run(self._require_project(), check_run_id(run_id)).file(kind)
 
     def close(self) -> None:
+        """Stop both pools (queued tiles are dropped) and close the project."""
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.overlay_pool.shutdown(wait=False, cancel_futures=True)
         if self._source is not None:
             self._source.project.close()
-
-
-def _prediction_loader() -> Any:
-    """A loader of predicted class maps when the model side is installed, else ``None``."""
-    if importlib.util.find_spec("al_core.predict") is None:
-        return None
-
-    def load(project: Project, model_id: int, patch_id: int) -> Any:
-        # imported on the first prediction tile, not at server start: it brings torch into the server
-        from al_core.predict import prediction_classes
-
-        return prediction_classes(project, model_id, patch_id)
-
-    return load
 
 
 class _TileHandler(JupyterHandler):
@@ -149,20 +139,25 @@ class _TileHandler(JupyterHandler):
 
     @property
     def service(self) -> TileService:
-        return self.settings[SETTINGS_KEY]
+        service: TileService = self.settings[SETTINGS_KEY]
+        return service
 
-    async def _serve(self, fn: Any, *parts: str) -> None:
+    async def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        """Run ``fn`` on the pool; the core's errors become HTTP errors here, for every route."""
         try:
-            ids = [int(p) for p in parts]
-        except ValueError:
-            raise web.HTTPError(404, "tile ids must be integers") from None
-        try:
-            data = await self.service.run(fn, *ids, overlay=self.overlay)
+            return await self.service.run(fn, *args, overlay=self.overlay)
         except (ProjectError, TileRangeError) as err:
             raise web.HTTPError(404, str(err)) from None
         except SlideError as err:
-            # the registered file is gone or unreadable: say which slide, never the server path
-            raise web.HTTPError(404, f"slide {ids[0]}: file missing or unreadable ({err.problem})") from None
+            # the registered file is gone or unreadable: say which one by id, never the server path
+            raise web.HTTPError(404, f"{what}: file missing or unreadable ({err.problem})") from None
+
+    async def _serve(self, fn: Any, *parts: str) -> None:
+        ids = _ints(parts)
+        data = await self._call(f"slide {ids[0]}" if ids else "slides", fn, *ids)
+        self._send(data)
+
+    def _send(self, data: bytes | str) -> None:
         self.set_header("Content-Type", self.content_type)
         self.set_header("Cache-Control", self.cache_control)
         self.finish(data)
@@ -176,6 +171,8 @@ class _TileHandler(JupyterHandler):
 
 
 class SlideTileHandler(_TileHandler):
+    """``tiles/<slide>/<z>/<x>/<y>.jpeg``: a slide tile, cached by the browser for a year."""
+
     content_type = "image/jpeg"
     overlay = False
     # a registered slide's pixels never change; the login cookie makes the response private
@@ -183,40 +180,38 @@ class SlideTileHandler(_TileHandler):
 
     @web.authenticated
     async def get(self, slide: str, z: str, x: str, y: str) -> None:
+        """Send the slide tile."""
         await self._serve(lambda *a: self.service.source().slide_tile(*a), slide, z, x, y)
 
 
 class LabelTileHandler(_TileHandler):
+    """``labels/<slide>/<z>/<x>/<y>.png``: the slide's current labels, revalidated on every use."""
+
     @web.authenticated
     async def get(self, slide: str, z: str, x: str, y: str) -> None:
+        """Send the label tile."""
         await self._serve(lambda *a: self.service.source().label_tile(*a), slide, z, x, y)
 
 
 class PredictionTileHandler(_TileHandler):
+    """``prediction/<slide>/<model>/<z>/<x>/<y>.png``: a model version's argmax prediction."""
+
     @web.authenticated
     async def get(self, slide: str, model: str, z: str, x: str, y: str) -> None:
+        """Send the prediction tile."""
         await self._serve(lambda *a: self.service.source().prediction_tile(*a), slide, model, z, x, y)
 
 
 class InferenceTileHandler(_TileHandler):
+    """``inference/<run>/<z>/<x>/<y>.png``: the class map of a deployment-view run."""
+
     # a run's class map never changes once registered
     cache_control = "private, max-age=31536000, immutable"
 
     @web.authenticated
     async def get(self, run: str, z: str, x: str, y: str) -> None:
-        try:
-            zxy = [int(v) for v in (z, x, y)]
-        except ValueError:
-            raise web.HTTPError(404, "tile indices must be integers") from None
-        try:
-            data = await self.service.run(self.service.inference_tile, run, *zxy, overlay=True)
-        except (ProjectError, TileRangeError) as err:
-            raise web.HTTPError(404, str(err)) from None
-        except SlideError as err:
-            raise web.HTTPError(404, f"run {run}: class map unreadable ({err.problem})") from None
-        self.set_header("Content-Type", self.content_type)
-        self.set_header("Cache-Control", self.cache_control)
-        self.finish(data)
+        """Send the class-map tile."""
+        self._send(await self._call(f"run {run}", self.service.inference_tile, run, *_ints((z, x, y))))
 
 
 class InferenceFileHandler(_TileHandler):
@@ -226,10 +221,8 @@ class InferenceFileHandler(_TileHandler):
 
     @web.authenticated
     async def get(self, run: str, kind: str) -> None:
-        try:
-            path = await self.service.run(self.service.inference_file, run, kind)
-        except ProjectError as err:
-            raise web.HTTPError(404, str(err)) from None
+        """Send the run's ``kind`` output as an attachment; a cancelled download just stops."""
+        path = await self._call(f"run {run}", self.service.inference_file, run, kind)
         self.set_header("Content-Type", FILE_TYPES[kind])
         self.set_header("Content-Disposition", f'attachment; filename="{path.name}"')
         self.set_header("Cache-Control", "private, no-cache")
@@ -248,17 +241,26 @@ class InferenceFileHandler(_TileHandler):
 
 
 class SlidesHandler(_TileHandler):
+    """``slides``: the registered slides as JSON."""
+
     content_type = "application/json"
+    overlay = False
 
     @web.authenticated
     async def get(self) -> None:
-        try:
-            slides = await self.service.run(self.service.slides_json)
-        except ProjectError as err:
-            raise web.HTTPError(404, str(err)) from None
-        self.set_header("Content-Type", self.content_type)
-        self.set_header("Cache-Control", "no-cache")
-        self.finish(json.dumps(slides))
+        """Send the slide list."""
+        self._send(json.dumps(await self._call("slides", self.service.slides_json)))
+
+
+def _ints(parts: tuple[str, ...] | list[str]) -> list[int]:
+    """URL path ids as integers; anything else is a 404 (never a 500)."""
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise web.HTTPError(404, "ids and tile indices must be integers") from None
+    if any(not 0 <= i < 1 << 63 for i in ids):  # the store's ids are 64-bit: a larger one would be a 500
+        raise web.HTTPError(404, "ids and tile indices must be integers from 0 to 2**63 - 1")
+    return ids
 
 
 def handlers(base_url: str) -> list[tuple[str, type[JupyterHandler]]]:

@@ -6,7 +6,6 @@ holds the current selection, the shapes drawn but not yet saved, and the last me
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 from collections.abc import Sequence
@@ -14,19 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import shapely
 from shapely.geometry import box, shape
 from shapely.geometry.base import BaseGeometry
-from sqlalchemy import func, select
 from traitlets import Bool, HasTraits, Instance, Int, List, Unicode
 
-from al_core.errors import LabelError, SlideloopError
-from al_core.labels import mask_to_shapes
-from al_core.project import ClassInfo, Project
-from al_core.store import ModelRow, PatchRow, ReviewRow
-from al_core.tiles import Pyramid
-from slideloop_apps import BASE_URL_ENV, PROJECT_ENV, ROUTE_PREFIX
+from al_core.errors import LabelError, NoModelError, SlideloopError
+from al_core.learn.rank import review_queue
+from al_core.project.classes import ClassInfo
+from al_core.project.labels import LabelConflictError
+from al_core.project.project import PROJECT_ENV, Project
+from al_core.project.schema import PatchRow
+from al_core.tiles.pyramid import Pyramid
+from slideloop_apps import BASE_URL_ENV, ROUTE_PREFIX
 
 AUTHOR_ENV = "SLIDELOOP_AUTHOR"
 
@@ -41,6 +40,7 @@ def server_base_url() -> str:
 
 
 def tiles_root() -> str:
+    """The tile server's URL prefix (``<base_url>slideloop/``) as the kernel can learn it."""
     return f"{server_base_url()}{ROUTE_PREFIX}/"
 
 
@@ -60,14 +60,6 @@ class QueueItem:
     labelled: bool
 
 
-def _optional(module: str) -> Any:
-    """The model side (``al_core.predict`` / ``al_core.rank``) if installed, else ``None``."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
-
-
 class AppState(HasTraits):
     """Selection and pending edits of one reviewer's session over one project."""
 
@@ -77,8 +69,10 @@ class AppState(HasTraits):
     #: class index drawn shapes get; 0 erases to background
     mode = Int(1)
     #: shapes drawn since the last save, as (mode, geometry in level-0 px)
-    pending = List()
-    queue = List()
+    pending: List[tuple[int, BaseGeometry]] = List()
+    #: the slide's label version when the first pending shape was drawn (what the edit was drawn on)
+    pending_base = Int(None, allow_none=True)
+    queue: List[QueueItem] = List()
     model_id = Int(None, allow_none=True)
     #: bumped after every saved change so overlays refetch
     revision = Int(0)
@@ -112,20 +106,25 @@ class AppState(HasTraits):
 
     # --- what the widgets show ---------------------------------------------------------------------
     def say(self, message: str, level: str = "info") -> None:
+        """Set the message the page shows and its level (``info``, ``warning`` or ``error``)."""
         self.level = level
         self.message = message
 
     def classes(self) -> list[ClassInfo]:
+        """The project's label classes."""
         return self.project.classes()
 
     def slide_choices(self) -> list[tuple[str, int]]:
+        """(name, ID) of each project slide for the slide picker."""
         return [(r.name, r.id) for r in self.project.slides()]
 
     def pyramid(self, slide_id: int | None = None) -> Pyramid:
+        """The tile geometry of a slide (default: the current one)."""
         row = self.project.slide_row(self.slide_id if slide_id is None else slide_id)
         return Pyramid(row.width, row.height)
 
     def mpp(self) -> float | None:
+        """The current slide's µm/px (``None``: unknown)."""
         return self.project.slide_row(self.slide_id).mpp
 
     def slide_problem(self) -> str | None:
@@ -137,6 +136,8 @@ class AppState(HasTraits):
         return None
 
     def tile_urls(self) -> dict[str, str]:
+        """Leaflet URL templates of the current slide, its labels (keyed by :attr:`revision` so they refetch
+        after a save) and, when the model has predictions, its prediction."""
         root, sid = tiles_root(), self.slide_id
         urls = {"slide": f"{root}tiles/{sid}/{{z}}/{{x}}/{{y}}.jpeg",
                 "labels": f"{root}labels/{sid}/{{z}}/{{x}}/{{y}}.png?v={self.revision}"}
@@ -145,9 +146,11 @@ class AppState(HasTraits):
         return urls
 
     def latest_model_id(self) -> int | None:
-        """The newest finished model of the project, if the model side has trained one."""
-        with self.project.store.read() as s:
-            return s.scalar(select(func.max(ModelRow.id)).where(ModelRow.status == "done"))
+        """The newest finished model of the project, if one was trained."""
+        try:
+            return self.project.models.resolve("latest").id
+        except NoModelError:
+            return None
 
     def use_model(self, model_id: int | None = None) -> None:
         """Rank the queue and draw the overlay with ``model_id`` (default: the newest finished model), e.g.
@@ -157,6 +160,7 @@ class AppState(HasTraits):
         self.model_revision += 1
 
     def model_note(self) -> str:
+        """One line on how the queue is ordered: by IoU and uncertainty with a usable model, else why not."""
         if self.model_id is None:
             return "No model is trained yet: the queue lists patches by review status; train one to rank by IoU."
         if not self.has_predictions:
@@ -179,44 +183,38 @@ class AppState(HasTraits):
             fresh = old + list(by_id.values())
         self.queue = fresh
 
-    def _reviewed(self) -> set[int]:
-        with self.project.store.read() as s:
-            return set(s.scalars(select(ReviewRow.patch_id).distinct()).all())
-
     def _plain_queue(self) -> list[QueueItem]:
         """Without a model: unreviewed patches first, unlabelled before labelled, then slide order."""
         names = {r.id: r.name for r in self.project.slides()}
-        reviewed, labelled = self._reviewed(), self.project.labelled_patch_ids()
+        reviewed, labelled = self.project.reviewed_patch_ids(), self.project.labelled_patch_ids()
         items = [QueueItem(p.id, p.slide_id, names[p.slide_id], p.x, p.y, p.size, None, None,
                            p.id in reviewed, p.id in labelled) for p in self.project.patches()]
         return sorted(items, key=lambda q: (q.reviewed, q.labelled, q.slide_id, q.y, q.x))
 
     def _ranked_queue(self) -> list[QueueItem] | None:
-        """Lowest IoU first (labelled), then most uncertain (unlabelled), from al_core.rank; ``None`` (and
-        :attr:`model_problem` set) when the model side is missing or the model has no stored predictions."""
-        rank = _optional("al_core.rank")  # imports torch: only once a model exists
-        if rank is None:
-            self.model_problem = "the model side of slideloop (al_core.rank) is not installed"
-            return None
+        """Lowest IoU first (labelled), then most uncertain (unlabelled); ``None`` (and :attr:`model_problem`
+        set) when the model has no stored predictions."""
         try:
-            frames = [rank.review_queue(self.project, self.model_id, by=by, fraction=1.0)
+            frames = [review_queue(self.project, self.model_id, by=by, fraction=1.0)
                       for by in ("iou", "entropy")]
         except SlideloopError as err:
             self.model_problem = str(err)
             return None
         ids = {r.name: r.id for r in self.project.slides()}
-        reviewed, labelled = self._reviewed(), self.project.labelled_patch_ids()
+        reviewed, labelled = self.project.reviewed_patch_ids(), self.project.labelled_patch_ids()
         out, seen = [], set()
         for df in frames:
-            for r in df.itertuples(index=False):
-                pid = int(r.patch_id)
+            for r in df.to_dict(orient="records"):
+                pid = int(r["patch_id"])
                 seen.add(pid)
-                out.append(QueueItem(pid, ids[r.slide], r.slide, int(r.x), int(r.y), int(r.size), _number(r.iou),
-                                     _number(r.entropy), pid in reviewed, pid in labelled))
+                slide = str(r["slide"])
+                out.append(QueueItem(pid, ids[slide], slide, int(r["x"]), int(r["y"]), int(r["size"]),
+                                     _number(r["iou"]), _number(r["entropy"]), pid in reviewed, pid in labelled))
         # patches the model did not score (e.g. labelled after it predicted) still get a row, at the end
         return out + [q for q in self._plain_queue() if q.patch_id not in seen]
 
     def select_patch(self, patch_id: int) -> PatchRow:
+        """Make a patch the current one, switching to its slide if needed; returns its row."""
         patch = self.project.patch(patch_id)
         if patch.slide_id != self.slide_id:
             self.select_slide(patch.slide_id)
@@ -224,6 +222,7 @@ class AppState(HasTraits):
         return patch
 
     def select_slide(self, slide_id: int) -> None:
+        """Switch to a slide with no patch chosen; unsaved shapes are dropped."""
         self.pending = []
         self.patch_id = None
         self.slide_id = slide_id
@@ -251,6 +250,8 @@ class AppState(HasTraits):
         except (LabelError, ValueError, TypeError, KeyError, shapely.errors.GEOSException) as err:
             self.say(f"Shape not used: {err}", "error")
             return False
+        if not self.pending:
+            self.pending_base = self.project.label_version(self.slide_id)
         self.pending = [*self.pending, (self.mode, geom)]
         name = "erase" if self.mode == 0 else self._class_name(self.mode)
         note = "The shape crossed itself and was repaired into valid polygons. " if repaired else ""
@@ -262,8 +263,7 @@ class AppState(HasTraits):
         """The drawn shape in level-0 px, made valid and clipped to the slide; and whether it was repaired."""
         geometry = geojson.get("geometry", geojson)
         pyr = self.pyramid()
-        scale = 2.0**pyr.zmax
-        geom = shapely.transform(shape(geometry), lambda c: np.column_stack([c[:, 0] * scale, -c[:, 1] * scale]))
+        geom = pyr.geometry_from_map(shape(geometry))
         repaired = not geom.is_valid
         geom = shapely.make_valid(geom)
         polys = [g for g in getattr(geom, "geoms", [geom]) if g.area > 0]
@@ -275,6 +275,7 @@ class AppState(HasTraits):
         return geom, repaired
 
     def undo(self) -> None:
+        """Drop the last shape drawn since the last save."""
         if self.pending:
             self.pending = self.pending[:-1]
             self.say(f"Removed the last shape; {len(self.pending)} left to save.")
@@ -294,45 +295,36 @@ class AppState(HasTraits):
             else:
                 groups.append((mode, [geom]))
         version = None
+        base = self.pending_base
         try:
-            for mode, geoms in groups:
+            for i, (mode, geoms) in enumerate(groups):
                 version = self.project.correct(self.slide_id, shapely.union_all(geoms), mode or None,
-                                               author=self.author, patch_id=self.patch_id)
+                                               author=self.author, patch_id=self.patch_id,
+                                               base_version=base if i == 0 else None)
+        except LabelConflictError as err:
+            self.say(f"Not saved: {err.problem}. Your unsaved shapes are still on the map.", "error")
+            return None
         except SlideloopError as err:
             self.say(f"Not saved: {err}", "error")
             return None
         self.pending = []
+        self.pending_base = None
         self._after_write(f"Saved label version {version}")
         return version
 
     def accept_prediction(self) -> int | None:
         """Replace the current patch's labels by the model's prediction, in one label version."""
-        predict = _optional("al_core.predict")
-        if self.model_id is None or predict is None or not self.has_predictions:
+        if self.model_id is None or not self.has_predictions:
             self.say("No model is trained yet: there is no prediction to accept.", "warning")
             return None
         if self.patch_id is None:
             self.say("Choose a patch in the queue first.", "warning")
             return None
-        patch = self.project.patch(self.patch_id)
         try:
-            classes = np.asarray(predict.prediction_classes(self.project, self.model_id, patch.id), dtype=np.uint8)
+            version = self.project.accept_prediction(self.patch_id, self.model_id, author=self.author)
         except SlideloopError as err:
             self.say(f"No prediction for this patch: {err}", "error")
             return None
-        region = box(patch.x, patch.y, patch.x + patch.size, patch.y + patch.size)
-        retire, keep = [], []
-        for aid, cls, geom in self.project.annotations(patch.slide_id, region=region.bounds):
-            if geom.intersects(region):
-                retire.append(aid)
-                rest = geom.difference(region)
-                if not rest.is_empty and rest.area > 0:
-                    keep.append((cls, rest))
-        scale = patch.size / classes.shape[1]
-        keep += mask_to_shapes(classes, offset=(patch.x, patch.y), scale=scale)
-        version = self.project.add_label_version(patch.slide_id, keep, author=self.author, retire=retire,
-                                                 patch_id=patch.id, message="accept prediction",
-                                                 action="accept")
         self._after_write(f"Accepted the prediction as label version {version}")
         return version
 
@@ -363,6 +355,7 @@ def fit_zoom(pyramid: Pyramid, size: float, view_px: int = 600) -> float:
 
 
 def patch_center(patch: PatchRow, pyramid: Pyramid) -> tuple[float, float]:
+    """The map (lat, lng) of a patch's centre."""
     return pyramid.to_latlng(patch.x + patch.size / 2, patch.y + patch.size / 2)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import io
 import logging
+import math
 import os
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 import ipywidgets as w
 
-from al_core import jobs
+from al_core.project import jobs
 from slideloop_apps.state import AppState
 from slideloop_apps.training import (
     ENCODERS,
@@ -31,6 +32,7 @@ from slideloop_apps.training import (
     TrainingService,
     TrainSettings,
 )
+from slideloop_apps.ui import message_html
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,6 @@ NEW = 0
 POLL_S = 1.0
 #: a queued/running job the shared scheduler has not heard of for this long was lost (scheduler restart)
 LOST_GRACE_S = 30.0
-_STATUS_STYLE = {"info": ("#0b3d62", "#e8f1f8"), "ok": ("#0c5a1c", "#e6f4ea"), "warning": ("#6b4a00", "#fff4d6"),
-                 "error": ("#8a1010", "#fde8e8")}
 _TABLE_CSS = ("<style>.slideloop-models table, .slideloop-compare table {border-collapse:collapse;"
               "font:12px ui-monospace,Menlo,Consolas,monospace} .slideloop-models td, .slideloop-models th,"
               ".slideloop-compare td, .slideloop-compare th {padding:2px 8px;border-bottom:1px solid #ddd;"
@@ -133,6 +133,7 @@ class TrainPanel(w.VBox):
                 self._say(f"Could not read the training state: {type(err).__name__}: {err}", "error")
 
     def close(self) -> None:
+        """Stop polling the training state and close the panel's widgets."""
         self._stop.set()
         super().close()
 
@@ -159,9 +160,7 @@ class TrainPanel(w.VBox):
 
     # --- state → widgets -------------------------------------------------------------------------
     def _say(self, text: str, level: str = "info") -> None:
-        fg, bg = _STATUS_STYLE.get(level, _STATUS_STYLE["info"])
-        value = (f"<div style='color:{fg};background:{bg};border-left:4px solid {fg};padding:6px 10px;"
-                 f"margin:4px 0;white-space:pre-wrap'>{html.escape(text)}</div>")
+        value = message_html(text, level)
         if self.status.value != value:
             self.status.value = value
 
@@ -303,6 +302,7 @@ class TrainPanel(w.VBox):
 
     # --- widgets → service ---------------------------------------------------------------------------
     def settings(self) -> TrainSettings:
+        """The training settings the controls show (a max-steps of 0 means no cap)."""
         return TrainSettings(encoder=self.encoder.value, epochs=int(self.epochs.value),
                              batch_size=int(self.batch.value), lr=float(self.lr.value), augment=bool(self.augment.value),
                              from_model=None if self.from_model.value == NEW else int(self.from_model.value),
@@ -344,21 +344,25 @@ class TrainPanel(w.VBox):
 def render_curves(history: list[dict[str, Any]], epochs: int) -> bytes:
     """Training and validation loss (left axis) and validation IoU (right axis) per epoch, as a PNG."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state in a long-lived kernel
+    from matplotlib.ticker import MaxNLocator
+
+    def series(key: str) -> list[float]:
+        return [math.nan if h.get(key) is None else float(h[key]) for h in history]
 
     fig = Figure(figsize=(5.6, 2.8), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
-    ep = [h.get("epoch") for h in history]
-    ax.plot(ep, [h.get("train_loss") for h in history], "o-", color="#1f77b4", label="train loss")
+    ep = series("epoch")
+    ax.plot(ep, series("train_loss"), "o-", color="#1f77b4", label="train loss")
     if any(h.get("val_loss") is not None for h in history):
-        ax.plot(ep, [h.get("val_loss") for h in history], "s-", color="#ff7f0e", label="val loss")
+        ax.plot(ep, series("val_loss"), "s-", color="#ff7f0e", label="val loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_xlim(0.5, max(epochs, len(ep), 1) + 0.5)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
     if any(h.get("val_macro_iou") is not None for h in history):
-        ax2.plot(ep, [h.get("val_macro_iou") for h in history], "^--", color="#2ca02c", label="val IoU")
+        ax2.plot(ep, series("val_macro_iou"), "^--", color="#2ca02c", label="val IoU")
     ax2.set_ylim(0, 1)
     ax2.set_ylabel("IoU")
     if not history:

@@ -13,14 +13,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
-
-from al_core import jobs
-from al_core.project import Project
-from al_core.store import JobRow, ModelRow
+from al_core.project import jobs
+from al_core.project.project import Project
+from al_core.project.schema import JobRow, ModelRow
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -57,9 +54,9 @@ class TrainSettings:
 
     def job_params(self) -> dict[str, Any]:
         """The ``train`` job's parameters; validated here (TrainOptions) so a typo fails before it queues."""
-        from al_core.train import TrainOptions
+        from al_core.learn.train import TrainOptions
 
-        options = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "augment": self.augment,
+        options: dict[str, Any] = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "augment": self.augment,
                    "max_steps": self.max_steps}
         TrainOptions(**options)
         params: dict[str, Any] = {"options": options, "predict": True}
@@ -98,6 +95,7 @@ class RunView:
 
     @property
     def active(self) -> bool:
+        """Whether the job is still queued or running."""
         return self.status in jobs.ACTIVE
 
     @property
@@ -149,9 +147,11 @@ class TrainingService:
 
     @property
     def connected(self) -> bool:
+        """Whether the Dask client has been made."""
         return self._client is not None
 
     def close(self) -> None:
+        """Close the Dask client, if one was made."""
         with self._lock:
             if self._client is not None:
                 self._client.close()
@@ -166,33 +166,21 @@ class TrainingService:
         return jobs.submit(self.project, "train", params, client=self.client, author=self.author)
 
     def cancel(self, job_id: int) -> None:
+        """Ask a job to stop: a queued one never starts, a running one stops at its next step."""
         jobs.cancel(self.project, job_id)
 
     def reap_lost(self, grace_s: float = 30.0) -> list[int]:
-        """Mark failed the queued/running jobs the (shared) scheduler does not know, e.g. after it restarted;
-        ``grace_s`` spares a job whose row another kernel wrote but whose task it has not handed over yet.
-        Only sound with a shared scheduler: a per-kernel LocalCluster never knows other kernels' jobs."""
-        known = set(jobs.queue_keys(self.client))  # before reading the rows: a job finishing meanwhile is done
-        now = time.time()
-        suspects = [j.id for j in jobs.jobs(self.project, active_only=True)
-                    if j.dask_key not in known and now - j.submitted > grace_s]
-        lost = []
-        if suspects:
-            with self.project.store.write() as s:
-                for jid in suspects:
-                    row = s.get(JobRow, jid)
-                    if row is not None and row.status in jobs.ACTIVE:
-                        row.status, row.finished = "failed", now
-                        row.error = "lost: the compute engine stopped before the job finished; submit it again"
-                        lost.append(jid)
-        return lost
+        """Mark failed the queued/running jobs the (shared) scheduler does not know (it restarted); ``grace_s``
+        spares a job another kernel has just submitted. Only sound with a shared scheduler."""
+        return jobs.mark_lost(self.project, self.client, grace_s)
 
     # --- what the store says -----------------------------------------------------------------------
     def train_jobs(self) -> list[JobRow]:
-        with self.project.store.read() as s:
-            return list(s.scalars(select(JobRow).where(JobRow.kind == "train").order_by(JobRow.id)).all())
+        """The project's training jobs, oldest first."""
+        return jobs.jobs(self.project, kind="train")
 
     def active_job(self) -> JobRow | None:
+        """The newest queued or running training job, if any."""
         return next((j for j in reversed(self.train_jobs()) if j.status in jobs.ACTIVE), None)
 
     def current_job(self) -> JobRow | None:
@@ -203,11 +191,7 @@ class TrainingService:
     def view(self, job: JobRow | int, with_position: bool = True) -> RunView:
         """The job's state for display; its queue position asks the scheduler (only once connected)."""
         if isinstance(job, int):
-            with self.project.store.read() as s:
-                row = s.get(JobRow, job)
-            if row is None:
-                raise KeyError(f"no job {job}")
-            job = row
+            job = jobs.job(self.project, job)
         progress: dict[str, Any] = json.loads(job.progress or "{}")
         result: dict[str, Any] = json.loads(job.result or "{}")
         params: dict[str, Any] = json.loads(job.params or "{}")
@@ -243,22 +227,14 @@ class TrainingService:
                        bool(job.cancel_requested))
 
     def _model_of(self, job: JobRow, result: dict[str, Any]) -> ModelRow | None:
-        """The model version a train job made: from its result once finished; while it runs, the first model
-        row created after it started (a GPU worker runs one job at a time, so that one is this job's)."""
-        with self.project.store.read() as s:
-            if result.get("model_id") is not None:
-                return s.get(ModelRow, int(result["model_id"]))
-            if job.started is None:
-                return None
-            since = datetime.fromtimestamp(math.floor(job.started), timezone.utc).isoformat(timespec="seconds")
-            q = select(ModelRow).where(ModelRow.created_at >= since).order_by(ModelRow.id).limit(1)
-            return s.scalar(q)
+        """The model version a train job made (the job row links it as soon as the model row exists)."""
+        model_id = job.model_id if job.model_id is not None else result.get("model_id")
+        return self.project.models.get(int(model_id)) if model_id is not None else None
 
     def models(self) -> list[ModelSummary]:
-        with self.project.store.read() as s:
-            rows = s.scalars(select(ModelRow).order_by(ModelRow.id)).all()
+        """Every model version for the version table, oldest first."""
         out = []
-        for r in rows:
+        for r in self.project.models.list():
             metrics = json.loads(r.metrics or "{}")
             out.append(ModelSummary(r.id, r.parent_id, r.status, json.loads(r.config or "{}").get("encoder", "?"),
                                     r.created_at, metrics.get("epoch"), metrics, r.wall_time, _short_error(r.error)))

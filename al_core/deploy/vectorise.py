@@ -1,0 +1,54 @@
+"""Class maps to QuPath GeoJSON polygons (cleaned of speckle, simplified to about one model pixel)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import numpy.typing as npt
+
+from al_core._io import atomic_write_bytes
+from al_core.deploy.config import InferenceConfig
+
+
+def write_geojson(path: str | os.PathLike[str], cmap: npt.NDArray[np.uint8], ds: float, cfg: InferenceConfig,
+                  max_side: int = 8192, min_pixels: int = 16) -> int:
+    """QuPath GeoJSON polygons (level-0 coordinates) of each non-background class, simplified to about
+    one model pixel. Regions and holes under ``min_pixels`` model pixels are dropped first (speckle makes
+    huge, slow polygons and is no annotation); class maps larger than ``max_side`` are coarsened.
+    Returns the feature count."""
+    import shapely
+    from shapely.geometry import MultiPolygon
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    from al_core.project.labels_io import to_geojson
+    from al_core.wsi.raster import mask_to_shapes
+
+    step = max(1, math.ceil(max(cmap.shape) / max_side))
+    small = np.array(cmap[::step, ::step] if step > 1 else cmap, dtype=np.uint8)
+    bg = cfg.background_index
+    limit = max(1, min_pixels // (step * step))
+    for idx in np.unique(small):
+        if idx == bg:
+            continue
+        m = small == idx
+        keep = remove_small_holes(remove_small_objects(m, max_size=limit), max_size=limit)
+        small[m & ~keep] = bg
+        small[keep & ~m & (small == bg)] = idx  # filled holes that were background
+    scale = ds * step
+    by_idx = {c.index: c for c in cfg.classes}
+    shapes = []
+    for idx, geom in mask_to_shapes(small, scale=scale, background=bg):
+        # simplify each connected part on its own: one topology-preserving pass over a MultiPolygon of
+        # many parts is quadratic
+        simplified = shapely.simplify(shapely.get_parts(geom), scale, preserve_topology=True)
+        parts = [g for g in simplified if not g.is_empty]
+        if not parts:
+            continue
+        c = by_idx.get(idx)
+        shapes.append((MultiPolygon(parts) if len(parts) > 1 else parts[0], c.name if c else f"Class {idx}",
+                       c.color if c else "#808080"))
+    atomic_write_bytes(path, json.dumps(to_geojson(shapes)).encode())
+    return len(shapes)

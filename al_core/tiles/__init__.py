@@ -1,0 +1,1 @@
+"""Map tiles of slides and overlays as image bytes, for the server extension. No web framework here."""

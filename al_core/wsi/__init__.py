@@ -1,0 +1,1 @@
+"""Whole-slide images: reading slides, tissue detection, the patch grid, stain separation, raster/vector maths."""

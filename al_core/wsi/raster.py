@@ -1,0 +1,62 @@
+"""Raster <-> vector: class-index masks to polygons and polygons to masks, in level-0 pixel coordinates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import rasterio.features
+import shapely
+from affine import Affine
+from shapely.geometry import MultiPolygon, Polygon, shape
+from shapely.geometry.base import BaseGeometry
+
+
+def polygonal_part(geom: BaseGeometry) -> BaseGeometry:
+    """The (Multi)Polygon part of a geometry; make_valid can return collections with lines and points."""
+    if isinstance(geom, Polygon | MultiPolygon):
+        return geom
+    polys: list[Polygon] = []
+    for g in getattr(geom, "geoms", []):
+        part = polygonal_part(g)
+        polys.extend(getattr(part, "geoms", [part]) if not part.is_empty else [])
+    return MultiPolygon(polys) if polys else Polygon()
+
+
+def mask_to_shapes(
+    mask: npt.NDArray[Any], *, offset: tuple[float, float] = (0.0, 0.0), scale: float = 1.0, background: int = 0
+) -> list[tuple[int, BaseGeometry]]:
+    """Vectorise a class-index mask into one (Multi)Polygon per class, with exact pixel-edge boundaries.
+
+    ``offset``/``scale`` map mask pixels to level-0 pixels (x0 = offset_x + col * scale).
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"a label mask must be 2-D, got shape {mask.shape}")
+    values = mask.astype(np.int32) if mask.dtype not in (np.uint8, np.int16, np.uint16, np.int32) else mask
+    transform = Affine(scale, 0, offset[0], 0, scale, offset[1])
+    by_class: dict[int, list[BaseGeometry]] = {}
+    for geom_json, value in rasterio.features.shapes(values, mask=values != background, transform=transform):
+        by_class.setdefault(int(value), []).append(shape(geom_json))
+    return [(cls, shapely.union_all(geoms)) for cls, geoms in sorted(by_class.items())]
+
+
+def rasterize(
+    shapes: Sequence[tuple[int, BaseGeometry]],
+    origin: tuple[float, float],
+    downsample: float,
+    out_size: tuple[int, int],
+    fill: int = 0,
+) -> npt.NDArray[np.uint8]:
+    """Paint (class index, geometry) pairs, in order, into a ``out_size`` (w, h) mask whose top-left pixel
+    is level-0 ``origin`` and whose pixels are ``downsample`` level-0 pixels wide."""
+    w, h = out_size
+    if not shapes:
+        return np.full((h, w), fill, dtype=np.uint8)
+    transform = Affine(downsample, 0, origin[0], 0, downsample, origin[1])
+    mask = rasterio.features.rasterize(
+        [(g, int(c)) for c, g in shapes if not g.is_empty],
+        out_shape=(h, w), transform=transform, fill=fill, dtype=np.uint8,
+    )
+    return np.asarray(mask, dtype=np.uint8)
