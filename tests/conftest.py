@@ -13,10 +13,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import tifffile
+
+if TYPE_CHECKING:
+    from al_core.project.project import Project
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -115,6 +119,21 @@ def db_url(request: pytest.FixtureRequest) -> str | None:
 
 
 # --- built once per session, on first use -------------------------------------------------------------
+
+
+#: the class list most project tests use: two tissue classes and one ignored
+THREE_CLASSES = ["Epithelium:#c80000", "Stroma:#00a000", "Ignore:#808080:ignore"]
+
+
+@pytest.fixture()
+def three_class_project(tmp_path: Path, sample_svs: Path) -> Iterator[Project]:
+    """A fresh SQLite project with :data:`THREE_CLASSES` and the sample slide."""
+    from al_core.project.project import Project
+
+    proj = Project.create(tmp_path / "p", THREE_CLASSES)
+    proj.add_slide(sample_svs)
+    yield proj
+    proj.close()
 
 
 @pytest.fixture(scope="session")

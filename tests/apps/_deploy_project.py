@@ -60,3 +60,14 @@ def finished_run(root: Path, model: str = "tissue-finder") -> str:
         state.model_name = model
         assert state.run_now(), state.message
         return state.run_id
+
+
+def deploy_project(base: Path, slide: Path) -> Path:
+    """A project holding ``slide`` and four pushed models: the working 'tissue-finder' (listed first) and three
+    that cannot run on it (too fine for the slide, an input that does not fit its settings, not ONNX)."""
+    with Project.create(base / "proj") as proj:
+        proj.add_slide(slide)
+    root = (base / "proj").resolve()
+    push_broken_models(root, base)
+    push_tissue_finder(root, base)  # pushed last = listed first
+    return root

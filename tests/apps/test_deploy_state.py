@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _deploy_project import TISSUE_RGB, finished_run, push_broken_models, push_tissue_finder
+from _deploy_project import TISSUE_RGB, deploy_project, finished_run
 from PIL import Image
 from slideloop_apps.deploy_state import STAGE_LABELS, DeployState
 
@@ -24,14 +24,7 @@ WORKING_STAGES = ("patch_generation", "input", "inference", "stitching", "tiff_e
 
 @pytest.fixture(scope="module")
 def project_dir(tmp_path_factory: pytest.TempPathFactory, sample_svs: Path) -> Path:
-    """The sample slide, the working 'tissue-finder' model and three models that cannot run on it."""
-    d = tmp_path_factory.mktemp("deploy-state")
-    with Project.create(d / "proj") as proj:
-        proj.add_slide(sample_svs)
-    root = (d / "proj").resolve()
-    push_broken_models(root, d)
-    push_tissue_finder(root, d)  # pushed last = listed first
-    return root
+    return deploy_project(tmp_path_factory.mktemp("deploy-state"), sample_svs)
 
 
 @pytest.fixture(scope="module")

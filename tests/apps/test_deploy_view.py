@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _browser import AppServer, app_server, browser_page, outside_requests, save_screenshot
-from _deploy_project import push_broken_models, push_tissue_finder
+from _deploy_project import deploy_project
 from PIL import Image
 
-from al_core.project.project import Project
 from al_core.project.runs import list_runs
 
 pytestmark = pytest.mark.slow
@@ -27,15 +26,7 @@ WORKING_STAGES = ("patch_generation", "input", "inference", "stitching", "tiff_e
 
 @pytest.fixture(scope="module")
 def project_dir(tmp_path_factory: pytest.TempPathFactory, sample_svs: Path) -> Path:
-    """The sample slide and four pushed models: a working one, one too fine for the slide, one whose input
-    does not fit its settings, and a 'model' that is not ONNX."""
-    d = tmp_path_factory.mktemp("deploy")
-    with Project.create(d / "proj") as proj:
-        proj.add_slide(sample_svs)
-    root = (d / "proj").resolve()
-    push_broken_models(root, d)
-    push_tissue_finder(root, d)  # pushed last = listed first
-    return root
+    return deploy_project(tmp_path_factory.mktemp("deploy"), sample_svs)
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,13 @@ import tifffile
 from PIL import Image
 from shapely.geometry import box
 
-from al_core import GridSpec, LabelError, Project
+from al_core import GridSpec, LabelError
 from al_core.project.labels_io import read_geojson
 
 
 @pytest.fixture()
-def project(tmp_path, sample_svs):
-    proj = Project.create(tmp_path / "p", ["Epithelium:#c80000", "Stroma:#00a000", "Ignore:#808080:ignore"])
-    proj.add_slide(sample_svs)
-    yield proj
-    proj.close()
+def project(three_class_project):
+    return three_class_project
 
 
 def _fc(*features):

@@ -9,17 +9,14 @@ import pytest
 import tifffile
 
 import al_core
-from al_core import GridSpec, NoGridError, NoModelError, Project, ProjectError
+from al_core import GridSpec, NoGridError, NoModelError, ProjectError
 
 SLIDE = "CMU-1-Small-Region"
 
 
 @pytest.fixture()
-def project(tmp_path, sample_svs):
-    proj = Project.create(tmp_path / "p", ["Epithelium:#c80000", "Stroma:#00a000", "Ignore:#808080:ignore"])
-    proj.add_slide(sample_svs)
-    yield proj
-    proj.close()
+def project(three_class_project):
+    return three_class_project
 
 
 def test_grid_and_status(project, sample_geojson, sample_pyramid):
