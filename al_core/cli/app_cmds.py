@@ -29,6 +29,9 @@ VIEWS = {"home": "index.ipynb", "review": APP_NOTEBOOK, "deploy": "deploy.ipynb"
 DEFAULT_VIEW = "home"
 DEFAULT_PORT = 8866
 SAMPLE_NAME = "CMU-1-Small-Region"
+#: Jupyter's idle culler, seconds: kernels with no page attached (a tab that died without closing its kernel)
+#: are shut down after 15 idle minutes, checked every minute; an open page keeps its kernel (cull_connected off)
+KERNEL_CULL = (900, 60)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -59,6 +62,12 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-browser", action="store_true", help="do not open a browser")
 
 
+def kernel_cull_args(idle_timeout: int = KERNEL_CULL[0], interval: int = KERNEL_CULL[1]) -> list[str]:
+    """The ``jupyter server`` options that switch Jupyter's idle-kernel culler on."""
+    return [f"--MappingKernelManager.cull_idle_timeout={idle_timeout}",
+            f"--MappingKernelManager.cull_interval={interval}"]
+
+
 def app_notebook_dir() -> Path:
     """The folder holding ``review.ipynb``: the source tree's ``apps/``, or the installed data copy."""
     import importlib.util
@@ -74,9 +83,10 @@ def app_notebook_dir() -> Path:
     raise ProjectError("the review app is not installed (no review.ipynb); reinstall slideloop")
 
 
-def server_command(project: Path, port: int, ip: str, open_browser: bool, view: str = DEFAULT_VIEW) -> list[str]:
+def server_command(project: Path, port: int, ip: str, open_browser: bool, view: str = DEFAULT_VIEW,
+                   cull: tuple[int, int] = KERNEL_CULL) -> list[str]:
     """The ``jupyter server`` command line of the app (Voilà + tile server as extensions); ``view`` picks the
-    notebook the browser opens (all are served either way)."""
+    notebook the browser opens (all are served either way); ``cull``: idle timeout and check interval, s."""
     return [
         sys.executable, "-m", "jupyter_server",
         f"--ServerApp.root_dir={app_notebook_dir()}",
@@ -90,6 +100,7 @@ def server_command(project: Path, port: int, ip: str, open_browser: bool, view: 
         "--ServerApp.jpserver_extensions=slideloop_apps=True",
         "--ServerApp.jpserver_extensions=jupyter_server_mathjax=True",
         f"--SlideloopTiles.project={project}",
+        *kernel_cull_args(*cull),
         # containers (Docker, Binder-like images) often run as root; Jupyter refuses that unless told
         *(["--ServerApp.allow_root=True"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
     ]
