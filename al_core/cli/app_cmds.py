@@ -15,6 +15,9 @@ import os
 import secrets
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from al_core.cli.job_cluster import job_cluster
@@ -107,7 +110,7 @@ def server_command(project: Path, port: int, ip: str, open_browser: bool, view: 
 
 
 def run_app(project: Path, port: int, ip: str, open_browser: bool, view: str = DEFAULT_VIEW) -> int:
-    """Serve the app on ``project`` (its URL printed) until it exits or Ctrl-C; returns the server's exit status.
+    """Serve the app on ``project`` (its URL printed once the server answers) until it exits or Ctrl-C; returns the server's exit status.
 
     Starts a Dask scheduler and worker for training jobs unless the environment names one; raises
     ``ProjectError`` for the review view of a project without slides."""
@@ -125,17 +128,34 @@ def run_app(project: Path, port: int, ip: str, open_browser: bool, view: str = D
         env[SCHEDULER_ENV] = cluster.enter_context(job_cluster())
     host = "localhost" if ip in ("localhost", "127.0.0.1", "0.0.0.0", "") else ip
     what = {"home": "app", "review": "review app", "deploy": "deployment view"}[view]
-    print(f"slideloop: {what} for {project} (Ctrl-C to stop)\n"
-          f"    To open it, copy and paste this URL into a browser:\n"
-          f"        http://{host}:{port}/voila/render/{VIEWS[view]}?token={token}", flush=True)
     with cluster:
         proc = subprocess.Popen(server_command(project.resolve(), port, ip, open_browser, view), env=env)
         try:
+            # the URL is printed once the server answers: a URL that refuses connections looks like a failure
+            if not wait_until_serving(proc, f"http://{host}:{port}/", token):
+                return proc.wait()
+            print(f"slideloop: {what} for {project} (Ctrl-C to stop)\n"
+                  f"    To open it, copy and paste this URL into a browser:\n"
+                  f"        http://{host}:{port}/voila/render/{VIEWS[view]}?token={token}", flush=True)
             return proc.wait()
         except KeyboardInterrupt:
             proc.terminate()
             proc.wait(timeout=30)
             return 0
+
+
+def wait_until_serving(proc: subprocess.Popen[bytes], root: str, token: str, poll: float = 0.2) -> bool:
+    """Wait until the server at ``root`` answers its status API (True) or its process exits (False)."""
+    req = urllib.request.Request(root + "api/status", headers={"Authorization": f"token {token}"})
+    while proc.poll() is None:
+        try:
+            with urllib.request.urlopen(req, timeout=5):
+                return True
+        except urllib.error.HTTPError:
+            return True  # it answers, if not with 200 (a proxy or an auth setting of the user's): it is up
+        except OSError:
+            time.sleep(poll)  # not listening yet
+    return False
 
 
 def cmd_app(args: argparse.Namespace) -> int:
