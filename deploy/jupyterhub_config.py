@@ -39,8 +39,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from al_core._constants import RESOURCE, SCHEDULER_ENV
 from al_core.cli.app_cmds import PROJECT_ENV, app_notebook_dir, kernel_cull_args
-from al_core.project.jobs import RESOURCE, SCHEDULER_ENV
 
 c = get_config()  # noqa: F821 - provided by JupyterHub when it loads this file
 

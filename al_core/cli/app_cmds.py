@@ -4,7 +4,7 @@ does so on the bundled sample (``--prepare-only``: build the demo project and st
 
 The app runs as ``jupyter server`` with Voilà and slideloop's tile server as server extensions (a standalone
 ``voila`` process would not load the tile server), started as a subprocess so that ``al_core`` itself never
-imports Jupyter, tornado or widgets.
+imports Jupyter, tornado or widgets. The core is imported inside the commands, so ``slideloop --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from al_core.cli.job_cluster import job_cluster
+from al_core._constants import PROJECT_ENV as PROJECT_ENV
+from al_core._constants import SCHEDULER_ENV
 from al_core.errors import ProjectError
-from al_core.project.jobs import SCHEDULER_ENV
-from al_core.project.project import PROJECT_ENV, Project
-from al_core.wsi.grid import GridSpec
 
 APP_NOTEBOOK = "review.ipynb"
 #: the app's views: --view name → notebook in the apps folder
@@ -114,6 +112,9 @@ def run_app(project: Path, port: int, ip: str, open_browser: bool, view: str = D
 
     Starts a Dask scheduler and worker for training jobs unless the environment names one; raises
     ``ProjectError`` for the review view of a project without slides."""
+    from al_core.cli.job_cluster import job_cluster
+    from al_core.project.project import Project
+
     with Project.open(project) as proj:  # a clear error now beats a blank page later
         # the deployment view can upload a slide into an empty project; the review app needs one
         if not proj.slides() and view == "review":
@@ -179,6 +180,9 @@ def build_demo(folder: Path, sample: Path | None = None) -> Path:
     sample = sample or sample_dir()
     if not (sample / f"{SAMPLE_NAME}.svs").is_file():
         raise ProjectError(f"{sample}: no {SAMPLE_NAME}.svs here (the bundled sample is in data/sample)")
+    from al_core.project.project import Project
+    from al_core.wsi.grid import GridSpec
+
     with Project.create(folder) as proj:
         proj.add_slide(sample / f"{SAMPLE_NAME}.svs")
         proj.build_grid(GridSpec(patch=256))
