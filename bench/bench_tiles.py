@@ -1,6 +1,8 @@
 """Tile-server speed on the bundled sample: latency p50/p99 with 1 and 8 concurrent clients against the running
-server extension, next to the in-process bound (read the region + JPEG-encode, one thread, same tiles, same run),
-and the time from opening the app URL to the first painted tiles in headless Chromium.
+server extension, next to the in-process bound (read the region + JPEG-encode on one and on two threads, same
+tiles, same run; the 2-thread figure is the bound the ratio table uses on a 2-core machine), the JPEG encoders
+(PIL, OpenCV, imagecodecs) on the same tiles, and the time from opening the app URL to the first painted tiles
+in headless Chromium.
 
     python bench/bench_tiles.py [--rounds 3] [--no-browser] [--json bench/results/tiles.json]
 
@@ -46,19 +48,84 @@ def summary(ms: list[float], wall: float) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(ms), 2), "tiles_per_s": round(len(ms) / wall, 1)}
 
 
-def raw_bound(project: Project, tiles: list[tuple[int, int, int]], rounds: int) -> dict[str, float]:
-    """read + resize + JPEG encode in this process, one thread, no HTTP, no cache."""
+def raw_bound(project: Project, tiles: list[tuple[int, int, int]], rounds: int, threads: int = 1) -> dict[str, float]:
+    """read + resize + JPEG encode in this process on ``threads`` threads (one slide handle each), no HTTP, no
+    cache: what the machine's cores can do at best."""
     row = project.slides()[0]
     pyr = Pyramid(row.width, row.height)
-    ms = []
-    t0 = time.perf_counter()
-    with project.open_slide(row.id) as slide:
-        for _ in range(rounds):
-            for z, x, y in tiles:
+    ms: list[float] = []
+    lock = threading.Lock()
+    work = tiles * rounds
+
+    def run(part: list[tuple[int, int, int]]) -> None:
+        mine = []
+        with project.open_slide(row.id) as slide:
+            for z, x, y in part:
                 t = time.perf_counter()
                 render_slide_tile(slide, pyr, z, x, y)
-                ms.append((time.perf_counter() - t) * 1e3)
+                mine.append((time.perf_counter() - t) * 1e3)
+        with lock:
+            ms.extend(mine)
+
+    pool = [threading.Thread(target=run, args=(work[i::threads],)) for i in range(threads)]
+    t0 = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
     return summary(ms, time.perf_counter() - t0)
+
+
+def encoders(project: Project, tiles: list[tuple[int, int, int]]) -> list[dict[str, object]]:
+    """JPEG encoders on the same tiles at the server's quality: PIL, OpenCV and imagecodecs (all libjpeg-turbo)."""
+    import io
+
+    import cv2
+    import imagecodecs
+    import numpy as np
+    from PIL import Image
+
+    from al_core.tiles.render import JPEG_QUALITY
+
+    row = project.slides()[0]
+    pyr = Pyramid(row.width, row.height)
+    with project.open_slide(row.id) as slide:
+        pixels = [slide.read(pyr.region(z, x, y)[:2], pyr.valid_size(z, x, y), downsample=float(pyr.region(z, x, y)[3]))
+                  for z, x, y in tiles[-64:]]
+
+    def pil(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="JPEG", quality=JPEG_QUALITY)
+        return buf.getvalue()
+
+    def ocv(a: np.ndarray) -> bytes:
+        return bytes(cv2.imencode(".jpg", cv2.cvtColor(a, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1])
+
+    def icd(a: np.ndarray) -> bytes:
+        return bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(a), level=JPEG_QUALITY))
+
+    rows: list[dict[str, object]] = []
+    for name, fn in [("PIL", pil), ("OpenCV", ocv), ("imagecodecs (the server's)", icd)]:
+        fn(pixels[0])
+        t0 = time.perf_counter()
+        size = sum(len(fn(a)) for a in pixels for _ in range(3))
+        ms = (time.perf_counter() - t0) / (3 * len(pixels)) * 1e3
+        rows.append({"encoder": name, "ms_per_tile": round(ms, 3), "kB_per_tile": round(size / 3 / len(pixels) / 1e3, 1)})
+    for r in rows:
+        r["vs PIL"] = round(float(rows[0]["ms_per_tile"]) / float(r["ms_per_tile"]), 2)  # type: ignore[arg-type]
+    return rows
+
+
+def ratio_table(results: dict[str, object]) -> None:
+    """Each server run against the 2-thread raw bound of the same run (p50 latency and throughput)."""
+    bound = results["raw_read_encode_2_threads"]
+    assert isinstance(bound, dict)
+    print("\n| run | p50 ms | p99 ms | tiles/s | p50 / bound p50 | tiles/s / bound tiles/s |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        if isinstance(r, dict) and "p50_ms" in r:
+            print(f"| {name} | {r['p50_ms']} | {r['p99_ms']} | {r['tiles_per_s']} | "
+                  f"{r['p50_ms'] / bound['p50_ms']:.2f} | {r['tiles_per_s'] / bound['tiles_per_s']:.2f} |")
 
 
 def http_run(port: int, token: str, paths: list[str], clients: int) -> dict[str, float]:
@@ -122,7 +189,9 @@ def main() -> int:
             tiles = all_tiles(Pyramid(row.width, row.height))
             results: dict[str, object] = {"slide": f"{row.name} {row.width}x{row.height}, {row.levels} level(s)",
                                           "tiles_per_round": len(tiles), "rounds": args.rounds,
-                                          "raw_read_encode_1_thread": raw_bound(proj, tiles, args.rounds)}
+                                          "raw_read_encode_1_thread": raw_bound(proj, tiles, args.rounds),
+                                          "raw_read_encode_2_threads": raw_bound(proj, tiles, args.rounds, 2),
+                                          "jpeg_encoders": encoders(proj, tiles)}
         paths = [f"/slideloop/tiles/{row.id}/{z}/{x}/{y}.jpeg" for z, x, y in tiles] * args.rounds
         with app_server(folder, work / "cold", extra_args=("--SlideloopTiles.cache_mb=0",)) as srv:
             port = int(srv.url.split(":")[2].split("/")[0])
@@ -139,6 +208,7 @@ def main() -> int:
             if not args.no_browser:
                 results["app_open_to_tiles"] = first_paint(srv.app_url())
     print(json.dumps(results, indent=2))
+    ratio_table(results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
