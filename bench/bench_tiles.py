@@ -161,6 +161,39 @@ def http_run(port: int, token: str, paths: list[str], clients: int) -> dict[str,
     return summary(ms, wall)
 
 
+def polygon_file(path: Path, width: int, height: int, count: int) -> Path:
+    """A QuPath-style GeoJSON of ``count`` small squares of class Epithelium spread over the slide."""
+    import random
+
+    rng = random.Random(0)
+    feats = []
+    for _ in range(count):
+        x, y, s = rng.uniform(0, width - 20), rng.uniform(0, height - 20), rng.uniform(4, 16)
+        ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
+        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                      "properties": {"classification": {"name": "Epithelium"}}})
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return path
+
+
+def during_import(port: int, token: str, paths: list[str], folder: Path, labels: Path) -> dict[str, object]:
+    """8 clients on cold tiles while ``slideloop labels import`` runs (a separate process, as from a shell)."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "al_core.cli", "labels", "import", str(folder), str(labels)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.perf_counter()
+    runs = []
+    while proc.poll() is None and len(runs) < 20:  # bounded: at most 20 passes over the tiles
+        runs.append(http_run(port, token, paths, 8))
+    import_s = time.perf_counter() - t0
+    proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"label import failed: {proc.stderr.read() if proc.stderr else ''}")
+    worst = max(runs, key=lambda r: r["p99_ms"]) if runs else {}
+    return {**worst, "passes": len(runs), "import_s": round(import_s, 2)}
+
+
 def first_paint(url: str) -> dict[str, float]:
     with browser_page() as (page, _):
         t0 = time.perf_counter()
@@ -179,6 +212,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="passes over every tile of the sample pyramid")
     ap.add_argument("--no-browser", action="store_true", help="skip the time-to-first-tiles measurement")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--import-polygons", type=int, default=5000,
+                    help="polygons of the label import run beside 8 clients (0: skip; the issue's case had 30k)")
+    ap.add_argument("--server-args", nargs="*", default=[], metavar="ARG",
+                    help="extra options of the cold server, e.g. --SlideloopTiles.workers=2")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="slideloop-bench-") as tmp:
@@ -193,11 +230,15 @@ def main() -> int:
                                           "raw_read_encode_2_threads": raw_bound(proj, tiles, args.rounds, 2),
                                           "jpeg_encoders": encoders(proj, tiles)}
         paths = [f"/slideloop/tiles/{row.id}/{z}/{x}/{y}.jpeg" for z, x, y in tiles] * args.rounds
-        with app_server(folder, work / "cold", extra_args=("--SlideloopTiles.cache_mb=0",)) as srv:
+        cold_args = ("--SlideloopTiles.cache_mb=0", *args.server_args)
+        with app_server(folder, work / "cold", extra_args=cold_args) as srv:
             port = int(srv.url.split(":")[2].split("/")[0])
             http_run(port, srv.token, paths[:20], 1)  # connection set-up, imports
             results["server_cold_1_client"] = http_run(port, srv.token, paths, 1)
             results["server_cold_8_clients"] = http_run(port, srv.token, paths, 8)
+            if args.import_polygons:
+                geo = polygon_file(work / "many.geojson", row.width, row.height, args.import_polygons)
+                results["server_cold_8_clients_during_import"] = during_import(port, srv.token, paths, folder, geo)
         with app_server(folder, work / "warm") as srv:
             port = int(srv.url.split(":")[2].split("/")[0])
             http_run(port, srv.token, paths[: len(tiles)], 1)  # fill the cache
