@@ -4,7 +4,7 @@ Voilà's page sends ``POST voila/api/shutdown/<kernel>`` from ``beforeunload`` w
 in the form. Tornado sets that cookie lazily, the first time a handler reads ``xsrf_token``, and Voilà's render
 handler never reads it: the page has no ``_xsrf`` cookie, the form carries an empty token and Jupyter refuses
 the shutdown (``403: '_xsrf' argument missing from POST``), so every visit left its kernel running. Reading the
-token while the page is rendered sets the cookie (signed by the server, on the server's base URL) and Voilà's own
+token while the page is rendered sets the cookie (made by the server, on its base URL) and Voilà's own
 shutdown call goes through. Kernels whose page died without ``beforeunload`` (a crashed tab, a lost network)
 are culled by Jupyter's idle culler, which ``slideloop app`` and the hub configuration switch on.
 """
