@@ -39,8 +39,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from al_core.cli.app_cmds import PROJECT_ENV, app_notebook_dir
-from al_core.project.jobs import RESOURCE, SCHEDULER_ENV
+from al_core._constants import RESOURCE, SCHEDULER_ENV
+from al_core.cli.app_cmds import PROJECT_ENV, app_notebook_dir, kernel_cull_args
 
 c = get_config()  # noqa: F821 - provided by JupyterHub when it loads this file
 
@@ -65,6 +65,9 @@ c.Spawner.args = [
     "--ServerApp.jpserver_extensions=voila.server_extension=True",
     "--ServerApp.jpserver_extensions=slideloop_apps=True",
     "--ServerApp.jpserver_extensions=jupyter_server_mathjax=True",
+    # kernels of pages that died without closing them are culled after 15 idle minutes (closed pages shut
+    # theirs down at once): a shared server must not fill its memory with orphaned kernels
+    *kernel_cull_args(),
     # containers often run everything as root, which Jupyter refuses unless told
     *(["--ServerApp.allow_root=True"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
 ]

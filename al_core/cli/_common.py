@@ -1,13 +1,17 @@
-"""Output helpers shared by the command modules: a table for people, JSON for scripts."""
+"""Output helpers shared by the command modules: a table for people, JSON for scripts.
+
+The command modules import the core inside their command functions, not at the top: ``slideloop --help``
+builds every subcommand's parser and must not import SQLAlchemy, torch or the slide readers to do so."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from al_core.project.project import Project
+if TYPE_CHECKING:
+    from al_core.project.project import Project
 
 
 def add_project_arg(p: argparse.ArgumentParser) -> None:
@@ -22,6 +26,8 @@ def add_json_arg(p: argparse.ArgumentParser) -> None:
 
 def open_project(args: argparse.Namespace) -> Project:
     """The project the command names."""
+    from al_core.project.project import Project
+
     return Project.open(args.project)
 
 

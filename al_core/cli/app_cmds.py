@@ -4,7 +4,7 @@ does so on the bundled sample (``--prepare-only``: build the demo project and st
 
 The app runs as ``jupyter server`` with Voilà and slideloop's tile server as server extensions (a standalone
 ``voila`` process would not load the tile server), started as a subprocess so that ``al_core`` itself never
-imports Jupyter, tornado or widgets.
+imports Jupyter, tornado or widgets. The core is imported inside the commands, so ``slideloop --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import os
 import secrets
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-from al_core.cli.job_cluster import job_cluster
+from al_core._constants import PROJECT_ENV as PROJECT_ENV
+from al_core._constants import SCHEDULER_ENV
 from al_core.errors import ProjectError
-from al_core.project.jobs import SCHEDULER_ENV
-from al_core.project.project import PROJECT_ENV, Project
-from al_core.wsi.grid import GridSpec
 
 APP_NOTEBOOK = "review.ipynb"
 #: the app's views: --view name → notebook in the apps folder
@@ -29,6 +30,9 @@ VIEWS = {"home": "index.ipynb", "review": APP_NOTEBOOK, "deploy": "deploy.ipynb"
 DEFAULT_VIEW = "home"
 DEFAULT_PORT = 8866
 SAMPLE_NAME = "CMU-1-Small-Region"
+#: Jupyter's idle culler, seconds: kernels with no page attached (a tab that died without closing its kernel)
+#: are shut down after 15 idle minutes, checked every minute; an open page keeps its kernel (cull_connected off)
+KERNEL_CULL = (900, 60)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -59,6 +63,12 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-browser", action="store_true", help="do not open a browser")
 
 
+def kernel_cull_args(idle_timeout: int = KERNEL_CULL[0], interval: int = KERNEL_CULL[1]) -> list[str]:
+    """The ``jupyter server`` options that switch Jupyter's idle-kernel culler on."""
+    return [f"--MappingKernelManager.cull_idle_timeout={idle_timeout}",
+            f"--MappingKernelManager.cull_interval={interval}"]
+
+
 def app_notebook_dir() -> Path:
     """The folder holding ``review.ipynb``: the source tree's ``apps/``, or the installed data copy."""
     import importlib.util
@@ -74,9 +84,10 @@ def app_notebook_dir() -> Path:
     raise ProjectError("the review app is not installed (no review.ipynb); reinstall slideloop")
 
 
-def server_command(project: Path, port: int, ip: str, open_browser: bool, view: str = DEFAULT_VIEW) -> list[str]:
+def server_command(project: Path, port: int, ip: str, open_browser: bool, view: str = DEFAULT_VIEW,
+                   cull: tuple[int, int] = KERNEL_CULL) -> list[str]:
     """The ``jupyter server`` command line of the app (Voilà + tile server as extensions); ``view`` picks the
-    notebook the browser opens (all are served either way)."""
+    notebook the browser opens (all are served either way); ``cull``: idle timeout and check interval, s."""
     return [
         sys.executable, "-m", "jupyter_server",
         f"--ServerApp.root_dir={app_notebook_dir()}",
@@ -90,16 +101,20 @@ def server_command(project: Path, port: int, ip: str, open_browser: bool, view: 
         "--ServerApp.jpserver_extensions=slideloop_apps=True",
         "--ServerApp.jpserver_extensions=jupyter_server_mathjax=True",
         f"--SlideloopTiles.project={project}",
+        *kernel_cull_args(*cull),
         # containers (Docker, Binder-like images) often run as root; Jupyter refuses that unless told
         *(["--ServerApp.allow_root=True"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
     ]
 
 
 def run_app(project: Path, port: int, ip: str, open_browser: bool, view: str = DEFAULT_VIEW) -> int:
-    """Serve the app on ``project`` (its URL printed) until it exits or Ctrl-C; returns the server's exit status.
+    """Serve the app on ``project`` (its URL printed once the server answers) until it exits or Ctrl-C; returns the server's exit status.
 
     Starts a Dask scheduler and worker for training jobs unless the environment names one; raises
     ``ProjectError`` for the review view of a project without slides."""
+    from al_core.cli.job_cluster import job_cluster
+    from al_core.project.project import Project
+
     with Project.open(project) as proj:  # a clear error now beats a blank page later
         # the deployment view can upload a slide into an empty project; the review app needs one
         if not proj.slides() and view == "review":
@@ -114,17 +129,34 @@ def run_app(project: Path, port: int, ip: str, open_browser: bool, view: str = D
         env[SCHEDULER_ENV] = cluster.enter_context(job_cluster())
     host = "localhost" if ip in ("localhost", "127.0.0.1", "0.0.0.0", "") else ip
     what = {"home": "app", "review": "review app", "deploy": "deployment view"}[view]
-    print(f"slideloop: {what} for {project} (Ctrl-C to stop)\n"
-          f"    To open it, copy and paste this URL into a browser:\n"
-          f"        http://{host}:{port}/voila/render/{VIEWS[view]}?token={token}", flush=True)
     with cluster:
         proc = subprocess.Popen(server_command(project.resolve(), port, ip, open_browser, view), env=env)
         try:
+            # the URL is printed once the server answers: a URL that refuses connections looks like a failure
+            if not wait_until_serving(proc, f"http://{host}:{port}/", token):
+                return proc.wait()
+            print(f"slideloop: {what} for {project} (Ctrl-C to stop)\n"
+                  f"    To open it, copy and paste this URL into a browser:\n"
+                  f"        http://{host}:{port}/voila/render/{VIEWS[view]}?token={token}", flush=True)
             return proc.wait()
         except KeyboardInterrupt:
             proc.terminate()
             proc.wait(timeout=30)
             return 0
+
+
+def wait_until_serving(proc: subprocess.Popen[bytes], root: str, token: str, poll: float = 0.2) -> bool:
+    """Wait until the server at ``root`` answers its status API (True) or its process exits (False)."""
+    req = urllib.request.Request(root + "api/status", headers={"Authorization": f"token {token}"})
+    while proc.poll() is None:
+        try:
+            with urllib.request.urlopen(req, timeout=5):
+                return True
+        except urllib.error.HTTPError:
+            return True  # it answers, if not with 200 (a proxy or an auth setting of the user's): it is up
+        except OSError:
+            time.sleep(poll)  # not listening yet
+    return False
 
 
 def cmd_app(args: argparse.Namespace) -> int:
@@ -148,6 +180,9 @@ def build_demo(folder: Path, sample: Path | None = None) -> Path:
     sample = sample or sample_dir()
     if not (sample / f"{SAMPLE_NAME}.svs").is_file():
         raise ProjectError(f"{sample}: no {SAMPLE_NAME}.svs here (the bundled sample is in data/sample)")
+    from al_core.project.project import Project
+    from al_core.wsi.grid import GridSpec
+
     with Project.create(folder) as proj:
         proj.add_slide(sample / f"{SAMPLE_NAME}.svs")
         proj.build_grid(GridSpec(patch=256))

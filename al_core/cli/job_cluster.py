@@ -20,8 +20,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from al_core._constants import RESOURCE
 from al_core.errors import ProjectError
-from al_core.project.jobs import RESOURCE
 
 
 @contextlib.contextmanager

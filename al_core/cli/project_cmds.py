@@ -7,8 +7,6 @@ import sys
 
 from al_core.cli._common import add_json_arg, add_project_arg, emit_json, format_table, open_project
 from al_core.project.classes import DEFAULT_CLASSES
-from al_core.project.project import Project
-from al_core.wsi.grid import GridSpec
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -71,6 +69,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     """``slideloop init``: create a project with its class list."""
+    from al_core.project.project import Project
+
     with Project.create(args.project, args.classes) as proj:
         classes = [c.__dict__ for c in proj.classes()]
     if args.json:
@@ -99,6 +99,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     """``slideloop grid``: cut the tissue patch grid of every slide and print the patches per slide."""
+    from al_core.wsi.grid import GridSpec
+
     spec = GridSpec(patch=args.patch, overlap=args.overlap, min_tissue=args.min_tissue,
                     target_mpp=args.target_mpp, downsample=args.downsample)
     with open_project(args) as proj:

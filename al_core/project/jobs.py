@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
+from al_core._constants import RESOURCE as RESOURCE
+from al_core._constants import SCHEDULER_ENV as SCHEDULER_ENV
 from al_core.errors import ProjectError
 from al_core.project.project import Project
 from al_core.project.schema import JobRow
@@ -28,10 +30,6 @@ from al_core.project.schema import JobRow
 if TYPE_CHECKING:
     from distributed import Client
 
-#: environment variable naming a shared Dask scheduler (``tcp://host:8786``) or a scheduler file
-SCHEDULER_ENV = "SLIDELOOP_SCHEDULER"
-#: the worker resource every job needs; declare it once per GPU (``dask worker --resources GPU=1``)
-RESOURCE = "GPU"
 KEY_PREFIX = "slideloop-job-"
 ACTIVE = ("queued", "running")
 

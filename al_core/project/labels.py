@@ -24,7 +24,6 @@ from sqlalchemy.orm import Session
 from al_core.errors import LabelError
 from al_core.project.schema import AnnotationRow, LabelVersionRow, PatchRow, ReviewRow, SlideRow
 from al_core.project.store import Store
-from al_core.wsi.raster import rasterize
 
 #: (class index, geometry in level-0 px)
 Shape = tuple[int, BaseGeometry]
@@ -81,6 +80,8 @@ class LabelVersions:
 
     def mask(self, patch: PatchRow, version: int | None = None) -> npt.NDArray[np.uint8]:
         """The class-index mask of a patch at its output size (background where nothing is drawn)."""
+        from al_core.wsi.raster import rasterize  # rasterio: only when a mask is drawn
+
         region = (patch.x, patch.y, patch.x + patch.size, patch.y + patch.size)
         shapes = [(a.class_idx, a.geometry) for a in self.annotations(patch.slide_id, version, region)]
         return rasterize(shapes, (patch.x, patch.y), patch.downsample, (patch.patch, patch.patch))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import shapely
@@ -13,7 +13,9 @@ from shapely.geometry.base import BaseGeometry
 from al_core.errors import ScaleError
 from al_core.project.schema import PatchRow, SlideRow
 from al_core.wsi.grid import GridSpec, grid_boxes, tissue_fractions
-from al_core.wsi.tissue import TissueMask
+
+if TYPE_CHECKING:
+    from al_core.wsi.tissue import TissueMask  # scipy and scikit-image: only for the type
 
 #: a patch counts as reviewed when reviewed regions cover this share of it (a rebuilt grid of the same spec
 #: covers exactly; a coarser one only where a reviewer saw the whole patch)

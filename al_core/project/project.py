@@ -14,40 +14,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
-from shapely.geometry.base import BaseGeometry
 from sqlalchemy import func, insert, select
 
+from al_core._constants import PROJECT_ENV as PROJECT_ENV
 from al_core._io import atomic_write_bytes
 from al_core.errors import LabelError, ProjectError
 from al_core.project.classes import BACKGROUND, DEFAULT_CLASSES, ClassInfo
-from al_core.project.label_import import read_label_file
-from al_core.project.labels import Annotation, Box, LabelVersions
-from al_core.project.labels_io import to_geojson
 from al_core.project.models import ModelRef, ModelVersions
-from al_core.project.patches import covered_by, patch_box, patch_rows, touched_by
 from al_core.project.schema import ClassRow, GridRow, PatchRow, SlideRow
-from al_core.project.slides import describe_slide, open_registered, slide_name_for, stored_tissue
 from al_core.project.store import Store
 from al_core.wsi.grid import GridSpec
-from al_core.wsi.slides import Slide
-from al_core.wsi.tissue import TissueMask
 
+# shapely, the slide readers (tiffslide), rasterio and scipy are imported by the methods that need them: opening
+# a project (``slideloop status``, the apps' first paint) must not pay for them
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
     import pandas as pd
+    from shapely.geometry.base import BaseGeometry
 
     from al_core.deploy.project_export import ExportResult
     from al_core.deploy.registry import DeployedModel
     from al_core.learn.predict import PredictResult
     from al_core.learn.predictions import PredictionStore
     from al_core.learn.train import TrainOptions, TrainResult
+    from al_core.project.labels import Annotation, Box, LabelVersions
+    from al_core.wsi.slides import Slide
+    from al_core.wsi.tissue import TissueMask
 
 DB_NAME = "project.db"
 #: environment variable with an SQLAlchemy URL that replaces the project's SQLite file (shared PostgreSQL)
 DB_URL_ENV = "SLIDELOOP_DB_URL"
-#: environment variable naming the project the app (server extension and kernels) opens
-PROJECT_ENV = "SLIDELOOP_PROJECT"
 SlideKey = str | int | SlideRow
 
 
@@ -70,8 +67,8 @@ class Project:
     def __init__(self, root: Path, store: Store) -> None:
         self.root = root
         self.store = store
-        self.labels = LabelVersions(store)
         self.models = ModelVersions(store, root)
+        self._labels: LabelVersions | None = None
         self._predictions: PredictionStore | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -117,6 +114,15 @@ class Project:
     def __repr__(self) -> str:
         return f"Project({str(self.root)!r})"
 
+    @property
+    def labels(self) -> LabelVersions:
+        """The slides' label versions (history, annotations, edits, revert)."""
+        if self._labels is None:
+            from al_core.project.labels import LabelVersions
+
+            self._labels = LabelVersions(self.store)
+        return self._labels
+
     # --- classes and slides -----------------------------------------------------------------------
     def classes(self) -> list[ClassInfo]:
         """The label classes, Background (0) first."""
@@ -126,6 +132,8 @@ class Project:
 
     def add_slide(self, path: str | os.PathLike[str], mpp: float | None = None, name: str | None = None) -> SlideRow:
         """Register a slide file (its metadata and tissue mask); ``mpp`` supplies or overrides its µm/px."""
+        from al_core.project.slides import describe_slide, slide_name_for
+
         p = Path(path).resolve()
         row = describe_slide(p, name or slide_name_for(p), mpp)
         with self.store.write() as s:
@@ -153,16 +161,23 @@ class Project:
 
     def open_slide(self, key: SlideKey) -> Slide:
         """Open a registered slide with the µm/px stored for it."""
+        from al_core.project.slides import open_registered
+
         return open_registered(self.slide_row(key))
 
     def tissue(self, key: SlideKey) -> TissueMask:
         """The slide's stored tissue mask."""
+        from al_core.project.slides import stored_tissue
+
         return stored_tissue(self.slide_row(key))
 
     # --- grid ---------------------------------------------------------------------------------------
     def build_grid(self, spec: GridSpec | None = None, **kwargs: Any) -> int:
         """Cut every slide into patches (``spec``, or :class:`GridSpec` fields as keywords) and store them as the
         project's new grid; returns its id."""
+        from al_core.project.patches import patch_rows
+        from al_core.project.slides import stored_tissue
+
         spec = spec or GridSpec(**kwargs)
         rows = patch_rows(self.slides(), spec, stored_tissue)
         with self.store.write() as s:
@@ -217,6 +232,8 @@ class Project:
     def import_labels(self, path: str | os.PathLike[str], slide: SlideKey | None = None,
                       author: str = "import") -> LabelImport:
         """Import a QuPath GeoJSON file, a mask-tile folder or a slide-sized label image as a new label version."""
+        from al_core.project.label_import import read_label_file
+
         p = Path(path)
         f = read_label_file(p, self.slides(), self.classes(), self.slide_row(slide) if slide else None)
         version = self.labels.add(f.slide.id, f.shapes, author=author, source=str(p), message="import")
@@ -224,6 +241,8 @@ class Project:
 
     def export_labels(self, out: str | os.PathLike[str], slide: SlideKey | None = None) -> int:
         """Write the current labels as QuPath GeoJSON (one file; with several slides, ``slide`` is required)."""
+        from al_core.project.labels_io import to_geojson
+
         slides = [self.slide_row(slide)] if slide else self.slides()
         if len(slides) != 1:
             raise ProjectError("the project has several slides; choose the slide to export")
@@ -236,6 +255,7 @@ class Project:
     def preannotate(self, slide: SlideKey, class_idx: int, author: str = "preannotate") -> tuple[int, float]:
         """A first-pass label of ``class_idx`` from a hematoxylin threshold, as a new version; returns the
         version and the share of the slide it covers."""
+        from al_core.project.slides import open_registered, stored_tissue
         from al_core.wsi.preannotate import preannotate
 
         row = self.slide_row(slide)
@@ -273,6 +293,7 @@ class Project:
     def accept_prediction(self, patch_id: int, model: ModelRef = "latest", *, author: str = "script",
                           region: BaseGeometry | None = None, base_version: int | None = None) -> int:
         """Take the model's stored prediction as the label of the patch (or only inside ``region``)."""
+        from al_core.project.patches import patch_box
         from al_core.wsi.raster import mask_to_shapes
 
         patch = self.patch(patch_id)
@@ -289,6 +310,8 @@ class Project:
 
     def labelled_patch_ids(self, slide: SlideKey | None = None) -> set[int]:
         """Patches that label geometry touches or a reviewer saw (unlabelled pixels of them are background)."""
+        from al_core.project.patches import covered_by, touched_by
+
         patches = self.patches(slide)
         out: set[int] = set()
         for sid in sorted({p.slide_id for p in patches}):
@@ -299,6 +322,8 @@ class Project:
 
     def reviewed_patch_ids(self, slide: SlideKey | None = None) -> set[int]:
         """Patches of the current grid whose region a reviewer saved or marked reviewed."""
+        from al_core.project.patches import covered_by
+
         patches = self.patches(slide)
         regions = self.labels.reviewed_regions(self.slide_row(slide).id if slide is not None else None)
         out: set[int] = set()

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from al_core.project.project import PROJECT_ENV
+from al_core._constants import PROJECT_ENV
 
 __all__ = ["BASE_URL_ENV", "DATA_DIR", "PROJECT_ENV", "ROUTE_PREFIX"]
 

@@ -37,7 +37,7 @@ from al_core.project.runs import FILE_TYPES, check_run_id, load_run
 from al_core.tiles.cache import LRUCache
 from al_core.tiles.class_map import ClassMapTiles
 from al_core.tiles.source import TileSource
-from slideloop_apps import BASE_URL_ENV, DATA_DIR, PROJECT_ENV, ROUTE_PREFIX
+from slideloop_apps import BASE_URL_ENV, DATA_DIR, PROJECT_ENV, ROUTE_PREFIX, kernels
 
 SETTINGS_KEY = "slideloop_tiles"
 
@@ -284,6 +284,7 @@ def load_extension(serverapp: Any) -> None:
     if project_dir:
         project_dir = str(Path(project_dir).resolve())
         os.environ[PROJECT_ENV] = project_dir  # the app's kernel opens the same project
+    kernels.install(serverapp)  # closed Voilà pages shut their kernels down
     web_app = serverapp.web_app
     base_url = web_app.settings.get("base_url", "/")
     service = TileService(project_dir, config.workers, config.cache_mb)

@@ -19,7 +19,6 @@ from shapely.geometry.base import BaseGeometry
 from traitlets import Bool, HasTraits, Instance, Int, List, Unicode
 
 from al_core.errors import LabelError, NoModelError, SlideloopError
-from al_core.learn.rank import review_queue
 from al_core.project.classes import ClassInfo
 from al_core.project.labels import LabelConflictError
 from al_core.project.project import PROJECT_ENV, Project
@@ -194,6 +193,8 @@ class AppState(HasTraits):
     def _ranked_queue(self) -> list[QueueItem] | None:
         """Lowest IoU first (labelled), then most uncertain (unlabelled); ``None`` (and :attr:`model_problem`
         set) when the model has no stored predictions."""
+        from al_core.learn.rank import review_queue  # pandas: not before a model exists (first paint)
+
         try:
             frames = [review_queue(self.project, self.model_id, by=by, fraction=1.0)
                       for by in ("iou", "entropy")]

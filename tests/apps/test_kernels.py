@@ -1,0 +1,77 @@
+"""Kernels of the app's pages on a long-running server: a closed page shuts its kernel down, and the kernel of a
+page that died without closing is culled once idle. A real ``jupyter server`` driven by headless Chromium;
+the kernel count comes from Jupyter's own ``GET /api/kernels``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from _browser import AppServer, app_server, browser_page
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+TIMEOUT = 90_000  # ms; a cold kernel on two shared cores
+VISITS = 10
+#: what shows that each view has rendered (its widgets, hence Voilà's widget manager with its unload handler)
+READY = {
+    "index.ipynb": ".slideloop-view-link",
+    "review.ipynb": ".slideloop-map img.leaflet-tile-loaded[src*='/slideloop/tiles/']",
+    "deploy.ipynb": ".slideloop-map img.leaflet-tile-loaded[src*='/slideloop/tiles/']",
+}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("kernels") / "demo"
+    run_cli("demo", "--dir", str(folder), "--prepare-only")
+    return folder.resolve()
+
+
+def kernel_ids(srv: AppServer) -> set[str]:
+    status, body, _ = srv.get("api/kernels")
+    assert status == 200, body
+    return {k["id"] for k in json.loads(body)}
+
+
+def wait_for_kernels(srv: AppServer, expected: set[str], timeout: float = 60) -> set[str]:
+    """Poll until the running kernels are ``expected``; the last set seen either way."""
+    deadline = time.monotonic() + timeout
+    while (ids := kernel_ids(srv)) != expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return ids
+
+
+def test_closing_each_view_shuts_its_kernel_down(demo: Path, tmp_path: Path) -> None:
+    with app_server(demo, tmp_path) as srv, browser_page() as (page, _):
+        baseline = kernel_ids(srv)
+        # tabs of one browser window: closing a tab leaves the browser running to send the page's last request
+        window = page.context.browser.new_context()
+        page.close()
+        for notebook, ready in READY.items():
+            for visit in range(VISITS):
+                page = window.new_page()  # a new tab each visit
+                page.goto(f"{srv.url}voila/render/{notebook}?token={srv.token}")
+                page.wait_for_selector(ready, timeout=TIMEOUT)
+                assert len(kernel_ids(srv) - baseline) == 1, f"{notebook} visit {visit}: one kernel of its own"
+                page.close(run_before_unload=True)  # as a closed tab: Voilà's unload handler runs
+                left = wait_for_kernels(srv, baseline)
+                assert left == baseline, f"{notebook} visit {visit}: kernels left running: {left - baseline}"
+        assert "_xsrf' argument missing" not in srv.log_text()
+        assert srv.app_tracebacks() == []
+
+
+def test_kernel_of_a_page_that_died_is_culled_once_idle(demo: Path, tmp_path: Path) -> None:
+    with app_server(demo, tmp_path, cull=(4, 1)) as srv, browser_page() as (page, _):
+        baseline = kernel_ids(srv)
+        page.goto(f"{srv.url}voila/render/index.ipynb?token={srv.token}")
+        page.wait_for_selector(READY["index.ipynb"], timeout=TIMEOUT)
+        (kernel,) = kernel_ids(srv) - baseline
+        page.wait_for_timeout(8000)  # twice the idle timeout: an open page keeps its kernel
+        assert kernel in kernel_ids(srv)
+        page.close(run_before_unload=False)  # a crashed tab: no unload handler, no shutdown call
+        assert wait_for_kernels(srv, baseline) == baseline
+        culled = [line for line in srv.log_text().splitlines() if line.startswith("[W") and "Culling" in line]
+        assert any(kernel in line for line in culled), "shut down by the idle culler, not by anything else"
