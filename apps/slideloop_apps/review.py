@@ -23,7 +23,8 @@ from ipyleaflet import (
 from shapely.geometry import mapping
 
 from al_core.errors import SlideloopError
-from slideloop_apps.state import ZOOM_SNAP, AppState, QueueItem, fit_zoom, patch_center, patch_outline
+from slideloop_apps.review_tools import ACCEPT_COLOUR, ERASE_COLOUR, ToolPanel
+from slideloop_apps.state import ACCEPT, ZOOM_SNAP, AppState, QueueItem, fit_zoom, patch_center, patch_outline
 from slideloop_apps.ui import message_html, scale_bar_html
 
 MAP_HEIGHT = "640px"
@@ -33,6 +34,8 @@ _CSS = """<style>
 .slideloop-queue select { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; }
 .slideloop-title { font-size: 18px; font-weight: 600; }
 .slideloop-panel h4 { margin: 10px 0 4px 0; }
+.slideloop-tool button, .slideloop-mode button { padding: 0 4px; font-size: 12px; }
+.slideloop-tools-status { font: 12px ui-monospace, Menlo, Consolas, monospace; color: #333; margin: 2px 0; }
 </style>"""
 
 
@@ -78,7 +81,9 @@ class ReviewApp(w.VBox):
         self.mode = w.ToggleButtons(options=[(c.name, c.idx) for c in classes] + [("Erase", 0)],
                                     value=state.mode, description="Draw as",
                                     style={"button_width": "90px"}).add_class("slideloop-mode")
-        self.undo_btn = w.Button(description="Undo", icon="undo").add_class("slideloop-undo")
+        self.undo_btn = w.Button(description="Undo", icon="undo", tooltip="Ctrl+Z: the last unsaved shape, else "
+                                 "the last saved edit").add_class("slideloop-undo")
+        self.redo_btn = w.Button(description="Redo", icon="repeat", tooltip="Ctrl+Shift+Z").add_class("slideloop-redo")
         self.save_btn = w.Button(description="Save", icon="save", button_style="primary").add_class("slideloop-save")
         self.accept_btn = w.Button(description="Accept prediction", icon="check",
                                    tooltip="Replace this patch's labels by the model's prediction")
@@ -88,11 +93,17 @@ class ReviewApp(w.VBox):
         self.next_btn = w.Button(description="Next", icon="arrow-down").add_class("slideloop-next")
         self.queue_head = w.HTML()
 
+        self.tool_panel = ToolPanel(state, self.map, {
+            "next": lambda: state.step(+1), "prev": lambda: state.step(-1), "save": state.save,
+            "accept": state.accept_prediction, "toggle:labels": lambda: self.toggle_layer("labels"),
+            "toggle:prediction": lambda: self.toggle_layer("prediction"),
+            "toggle:errors": lambda: self.toggle_layer("errors")})
         panel = w.VBox([
             self.slide_picker, self.model_note,
             w.HTML("<h4>Overlays</h4>"), self.label_opacity, self.pred_opacity,
             w.HTML("<div style='color:#555;font-size:12px'>Labels are filled; the prediction is outlined.</div>"),
-            w.HTML("<h4>Correct</h4>"), self.mode, w.HBox([self.undo_btn, self.save_btn]), self.accept_btn,
+            w.HTML("<h4>Correct</h4>"), self.mode, self.tool_panel,
+            w.HBox([self.undo_btn, self.redo_btn, self.save_btn]), self.accept_btn,
             w.HTML("<h4>Review queue</h4>"), self.queue_head, self.queue, w.HBox([self.prev_btn, self.next_btn]),
         ], layout=w.Layout(width="400px", min_width="400px", padding="0 0 0 12px")).add_class("slideloop-panel")
         title = w.HTML(f"{_CSS}<div class='slideloop-title'>slideloop · review "
@@ -101,9 +112,10 @@ class ReviewApp(w.VBox):
 
         # wiring --------------------------------------------------------------------------------------
         self.slide_picker.observe(lambda ch: state.select_slide(ch["new"]), names="value")
-        self.mode.observe(lambda ch: setattr(state, "mode", ch["new"]), names="value")
-        self.undo_btn.on_click(lambda _: state.undo())
-        self.save_btn.on_click(lambda _: state.save())
+        w.link((self.mode, "value"), (state, "mode"))  # the class keys 1–9 set it too
+        self.undo_btn.on_click(lambda _: self.tool_panel.key("ctrl+z"))
+        self.redo_btn.on_click(lambda _: self.tool_panel.key("ctrl+Z"))
+        self.save_btn.on_click(lambda _: self.tool_panel.key("s"))
         self.accept_btn.on_click(lambda _: state.accept_prediction())
         self.prev_btn.on_click(lambda _: state.step(-1))
         self.next_btn.on_click(lambda _: state.step(+1))
@@ -123,8 +135,8 @@ class ReviewApp(w.VBox):
         if problem:
             state.say(problem, "error")
         else:
-            state.say("Pick a patch in the review queue (arrow keys or Previous/Next step through it), draw "
-                      "over the map to correct its labels, then Save.")
+            state.say("Pick a patch in the queue (n / p step through it from anywhere on the page), paint with the "
+                      "brush (b) or click with the wand (w), then Save (s); ? lists the keys.")
 
     # --- state → widgets ---------------------------------------------------------------------------
     def _show_message(self, _: Any = None) -> None:
@@ -203,11 +215,20 @@ class ReviewApp(w.VBox):
         feats = []
         for mode, geom in st.pending:
             scaled = pyr.geometry_to_map(geom)
-            color = colors.get(mode, "#000000") if mode else "#ffffff"
+            color = {0: ERASE_COLOUR, ACCEPT: ACCEPT_COLOUR}.get(mode) or colors.get(mode, "#000000")
             feats.append({"type": "Feature", "geometry": mapping(scaled),
                           "properties": {"style": {"color": color, "fillColor": color,
                                                    "dashArray": "4 3" if mode == 0 else None}}})
         self.pending.data = {"type": "FeatureCollection", "features": feats}
+
+    def toggle_layer(self, name: str) -> None:
+        """Show or hide an overlay (labels, prediction, errors) without losing its opacity."""
+        layer = self._layers.get(name)
+        if layer is None:
+            self.state.say(f"There is no {name} overlay" + (" until a model has predicted." if name != "labels" else "."))
+            return
+        layer.visible = not layer.visible
+        self.state.say(f"{name.capitalize()} overlay {'shown' if layer.visible else 'hidden'}.")
 
     def _refresh_overlays(self) -> None:
         urls = self.state.tile_urls()
