@@ -37,18 +37,24 @@ class ToolPanel(w.VBox):
         self.tools.on_event(self._on_event)
         self.tool_picker = w.ToggleButtons(options=_TOOL_BUTTONS, value="pan", tooltips=_TOOL_TIPS,
                                            style={"button_width": "56px"}).add_class("slideloop-tool")
-        self.radius = w.FloatSlider(self.editor.radius_um, min=2, max=120, step=1, description="Brush µm",
-                                    readout_format=".0f", layout=w.Layout(width="95%")).add_class("slideloop-radius")
-        self.tolerance = w.FloatSlider(self.editor.tolerance, min=2, max=40, step=1, description="Wand ΔE",
-                                       readout_format=".0f", layout=w.Layout(width="95%"))
+        half = w.Layout(width="196px")
+        self.radius = w.FloatSlider(self.editor.radius_um, min=2, max=120, step=1, description="Brush",
+                                    tooltip="brush radius, µm ([ and ])",
+                                    readout_format=".0f", layout=half, style={"description_width": "44px"})
+        self.radius.add_class("slideloop-radius")
+        self.tolerance = w.FloatSlider(self.editor.tolerance, min=2, max=40, step=1, description="Wand",
+                                       tooltip="wand tolerance, ΔE in Lab (- and =)",
+                                       readout_format=".0f", layout=half, style={"description_width": "44px"})
         self.tolerance.add_class("slideloop-tolerance")
-        self.auto = w.Checkbox(True, description="Next patch after Save/Accept", indent=False)
+        self.auto = w.Checkbox(True, description="Next patch after Save", indent=False,
+                               layout=w.Layout(width="190px"))
         self.auto.add_class("slideloop-auto")
         self.help = w.HTML(help_html(), layout=w.Layout(display="none")).add_class("slideloop-help-panel")
         self.preview = GeoJSON(data=_features([]), name="Wand selection",
                                style={"color": SELECT_COLOUR, "weight": 3, "dashArray": "5 4", "fillOpacity": 0.15})
         map_.add(self.preview)
-        super().__init__([self.tools, self.tool_picker, self.radius, self.tolerance, self.auto, self.help], **kwargs)
+        super().__init__([self.tool_picker, w.HBox([self.radius, self.tolerance]), w.HBox([self.auto, self.tools]),
+                          self.help], **kwargs)
 
         self.tool_picker.observe(lambda ch: self.editor.set_tool(ch["new"]), names="value")
         w.link((self.radius, "value"), (self.editor, "radius_um"))
@@ -72,7 +78,7 @@ class ToolPanel(w.VBox):
         self.tools.colour = {"eraser": ERASE_COLOUR, "accept": ACCEPT_COLOUR}.get(ed.tool,
                                                                                  colours.get(st.mode, "#0072b2"))
         name = "background" if st.mode == 0 else next((c.name for c in st.classes() if c.idx == st.mode), "?")
-        self.tools.status = f"{ed.tool} · {name} · brush {ed.radius_um:g} µm · wand ΔE {ed.tolerance:g} · ? keys"
+        self.tools.status = f"{ed.tool} · {name} · {ed.radius_um:g} µm · ? keys"
 
     def _show_selection(self, _: Any = None) -> None:
         ed, pyr = self.editor, self.state.pyramid()

@@ -151,7 +151,21 @@ class AppState(HasTraits):
                 "labels": f"{root}labels/{sid}/{{z}}/{{x}}/{{y}}.png?v={self.revision}"}
         if self.model_id is not None and self.has_predictions:
             urls["prediction"] = f"{root}prediction/{sid}/{self.model_id}/{{z}}/{{x}}/{{y}}.png"
+            urls["errors"] = f"{root}errors/{sid}/{self.model_id}/{{z}}/{{x}}/{{y}}.png?v={self.revision}"
         return urls
+
+    def prediction_contours(self) -> list[tuple[int, BaseGeometry]]:
+        """The model's prediction for the current patch as smooth (class, polygon) outlines in level-0 px."""
+        if self.patch_id is None or self.model_id is None or not self.has_predictions:
+            return []
+        from al_core.tiles.contours import smooth_contours
+
+        patch = self.project.patch(self.patch_id)
+        try:
+            classes = self.project.predictions.classes(self.model_id, patch.id)
+        except (SlideloopError, FileNotFoundError, KeyError):
+            return []  # this patch was not predicted by the model (e.g. a newer grid)
+        return smooth_contours(classes, (patch.x, patch.y), patch.size / classes.shape[1])
 
     def latest_model_id(self) -> int | None:
         """The newest finished model of the project, if one was trained."""

@@ -161,3 +161,36 @@ def test_brush_wand_eraser_and_keys(project_dir: Path, tmp_path: Path) -> None:
 
         assert outside_requests(requests) == []
         assert srv.app_tracebacks() == []
+
+
+def test_error_map_contours_and_accept_by_keys(trained: tuple[Path, int], tmp_path: Path) -> None:
+    """With a model: m shows the error map, the patch's prediction is a dashed vector outline, a accepts it
+    (one version, then the next patch), at the small 1280×800 screen the queue stays on the page."""
+    root = tmp_path / "proj"
+    shutil.copytree(trained[0], root)
+    with Project.open(root) as proj:
+        before = proj.label_version(1)
+        worst = AppState(proj).queue[0].patch_id
+    with app_server(root.resolve(), tmp_path) as srv, browser_page((1280, 800)) as (page, requests):
+        page.goto(srv.app_url())
+        page.wait_for_selector(".slideloop-map img.leaflet-tile-loaded[src*='/slideloop/prediction/']",
+                               timeout=TIMEOUT)
+        page.mouse.click(5, 5)
+        page.keyboard.press("n")
+        page.wait_for_selector(OUTLINE, timeout=TIMEOUT)
+        page.wait_for_selector(".slideloop-map path[stroke-dasharray='6 4']:not([stroke='#ffd400'])",
+                               timeout=TIMEOUT)  # the prediction's outline, drawn as vectors
+        assert page.locator(".slideloop-map img[src*='/slideloop/errors/']").count() == 0  # off until asked
+        _press(page, "m", "Errors overlay shown")
+        page.wait_for_selector(".slideloop-map img.leaflet-tile-loaded[src*='/slideloop/errors/']", timeout=TIMEOUT)
+        _settled_outline(page)
+        save_screenshot(page, tmp_path, "review-tools-error-map")
+        queue = page.locator(".slideloop-queue select").bounding_box()
+        assert queue is not None and queue["y"] < 800 - 60  # some queue rows are on screen at 1280×800
+        _press(page, "a", "Accepted the prediction")
+        assert "on to the next patch" in page.inner_text(".slideloop-message")
+        with Project.open(root) as proj:
+            assert proj.label_version(1) == before + 1
+            assert worst in proj.reviewed_patch_ids()
+        assert outside_requests(requests) == []
+        assert srv.app_tracebacks() == []
