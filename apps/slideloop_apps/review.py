@@ -30,7 +30,7 @@ from slideloop_apps.ui import message_html, scale_bar_html
 #: the map fills the window's height below the title and message (at 1280×800 the queue must stay on screen)
 MAP_HEIGHT = "max(420px, calc(100vh - 190px))"
 #: characters of the slide name in a queue row
-_NAME = 18
+_NAME = 20
 _CSS = """<style>
 .slideloop-queue select { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; }
 .slideloop-title { font-size: 18px; font-weight: 600; }
@@ -222,7 +222,8 @@ class ReviewApp(w.VBox):
         self.queue_head.value = (
             "<div style='font:12px ui-monospace,Menlo,Consolas,monospace;color:#333;white-space:pre'>"
             f"{done}/{len(items)} reviewed   ✓ reviewed ● labelled ○ unlabelled\n"
-            f"{'':2}{'slide':<{_NAME}}{'x':>6} {'y':>6}  {'IoU':>5} {'unc':>5}</div>")
+            f"{'':2}{'slide':<{_NAME}}{'x':>6} {'y':>6}" + (f"  {'IoU':>5} {'unc':>5}" if st.has_predictions else
+                                                              "   (scores after training)") + "</div>")
 
     def _show_pending(self) -> None:
         st = self.state
@@ -338,7 +339,17 @@ def _queue_label(q: QueueItem) -> str:
     mark = "✓" if q.reviewed else ("●" if q.labelled else "○")
     iou = "  -  " if q.iou is None else f"{q.iou:5.2f}"
     unc = "  -  " if q.uncertainty is None else f"{q.uncertainty:5.2f}"
-    return f"{mark} {q.slide[:_NAME]:<{_NAME}}{q.x:>6} {q.y:>6}  {iou} {unc}"
+    if q.iou is None and q.uncertainty is None:
+        return f"{mark} {_short(q.slide):<{_NAME}}{q.x:>6} {q.y:>6}"
+    return f"{mark} {_short(q.slide):<{_NAME}}{q.x:>6} {q.y:>6}  {iou} {unc}"
+
+
+def _short(name: str) -> str:
+    """A slide name in :data:`_NAME` characters, cut in the middle: the ends tell slides apart."""
+    if len(name) <= _NAME:
+        return name
+    head = (_NAME - 2) // 2
+    return f"{name[:head]}…{name[-(_NAME - 2 - head):]}"
 
 
 def build_app() -> w.Widget:

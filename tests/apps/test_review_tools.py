@@ -44,6 +44,7 @@ def _wait_message(page, text: str) -> None:
         page.wait_for_function("t => document.querySelector('.slideloop-message').innerText.includes(t)",
                                arg=text, timeout=TIMEOUT)
     except Exception as err:
+        page.screenshot(path="/tmp/w12-fail.png")
         raise AssertionError(f"waited for {text!r}; the page says {page.inner_text('.slideloop-message')!r}") from err
 
 
@@ -134,6 +135,7 @@ def test_brush_wand_eraser_and_keys(project_dir: Path, tmp_path: Path) -> None:
 
         # --- eraser over the first stroke: p p goes back two patches, e, the same drag ------------------
         page.keyboard.press("p")
+        _settled_outline(page)  # one move at a time, as a reviewer looks at each patch
         page.keyboard.press("p")
         outline = _settled_outline(page)
         save_screenshot(page, tmp_path, "review-tools-back")
@@ -158,6 +160,29 @@ def test_brush_wand_eraser_and_keys(project_dir: Path, tmp_path: Path) -> None:
         save_screenshot(page, tmp_path, "review-tools-help")
         _press(page, "l", "Labels overlay hidden")
         _press(page, "l", "Labels overlay shown")
+        page.keyboard.press("?")  # close the help again
+
+        # --- edit a saved polygon: v picks it, 2 changes its class, Delete removes it (a version each) ---
+        remnant = _areas(project_dir)[1].get(1, 0.0)  # what the eraser left of the first stroke, if anything
+        _press(page, "1", "Drawing as Epithelium")
+        _drag(page, [(cx - length / 2, cy + 40), (cx + length / 2, cy + 40)])
+        _press(page, "s", "Saved label version 6")
+        _, areas = _areas(project_dir)
+        painted = areas[1] - remnant
+        assert painted == pytest.approx(expected, rel=0.15)  # the same stroke as the first one
+        _press(page, "v", "Select")
+        page.mouse.click(cx, cy + 40)
+        _wait_message(page, "picked")
+        _press(page, "2", "Changed the class")
+        version, areas = _areas(project_dir)
+        assert version == 7 and areas.get(1, 0.0) == pytest.approx(remnant, abs=1.0)
+        assert areas[2] >= painted * 0.99
+        reclassed = areas[2]
+        page.mouse.click(cx, cy + 40)
+        _wait_message(page, "picked")
+        _press(page, "Delete", "Deleted polygon")
+        version, areas = _areas(project_dir)
+        assert version == 8 and areas.get(2, 0.0) == pytest.approx(reclassed - painted, abs=1.0)
 
         assert outside_requests(requests) == []
         assert srv.app_tracebacks() == []
