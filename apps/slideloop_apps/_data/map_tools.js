@@ -20,6 +20,9 @@ function wantsKey(ev) {
   return !["Shift", "Control", "Alt", "Meta"].includes(ev.key);
 }
 
+// the keys that pick a tool (as slideloop_apps.keys has them); the kernel confirms through the "tool" trait
+const TOOL_KEYS = { b: "brush", e: "eraser", c: "accept", w: "wand", v: "select", Escape: "pan" };
+
 function render({ model, el }) {
   el.classList.add("slideloop-tools");
   const status = document.createElement("div");
@@ -32,6 +35,9 @@ function render({ model, el }) {
     if (!model.get("keymap").includes(name)) return;
     ev.preventDefault();
     ev.stopPropagation();
+    // switch the canvas at once: a click right after the key must not wait for the kernel's round trip
+    const t = TOOL_KEYS[name] || (/^[1-9]$/.test(name) && ["pan", "eraser", "accept", "select"].includes(tool()) ? "brush" : null);
+    if (t) { localTool = t; sync(); }
     model.send({ kind: "key", key: name });
   };
   document.addEventListener("keydown", onKey, true);
@@ -41,7 +47,8 @@ function render({ model, el }) {
   canvas.className = "slideloop-tools-canvas";
   Object.assign(canvas.style, { position: "absolute", left: "0", top: "0", zIndex: "650", pointerEvents: "none" });
   const ctx = canvas.getContext("2d");
-  let host = null, stroke = null, cursor = null, spaceHeld = false;
+  let host = null, stroke = null, cursor = null, spaceHeld = false, localTool = null;
+  const tool = () => localTool || model.get("tool");
 
   const attach = () => {
     const found = document.querySelector(model.get("map_selector"));
@@ -58,8 +65,8 @@ function render({ model, el }) {
     canvas.height = host.clientHeight;
     draw();
   };
-  const active = () => model.get("tool") !== "pan" && !spaceHeld;
-  const painting = () => ["brush", "eraser", "accept"].includes(model.get("tool"));
+  const active = () => tool() !== "pan" && !spaceHeld;
+  const painting = () => ["brush", "eraser", "accept"].includes(tool());
   const colour = () => model.get("colour");
 
   const draw = () => {
@@ -93,7 +100,7 @@ function render({ model, el }) {
   };
   const sync = () => {
     canvas.style.pointerEvents = active() ? "auto" : "none";
-    canvas.style.cursor = model.get("tool") === "wand" || model.get("tool") === "select" ? "crosshair" : (painting() ? "none" : "");
+    canvas.style.cursor = ["wand", "select"].includes(tool()) ? "crosshair" : (painting() ? "none" : "");
     status.textContent = model.get("status");
     draw();
   };
@@ -110,7 +117,7 @@ function render({ model, el }) {
       stroke = [at(ev)];
       canvas.setPointerCapture(ev.pointerId);
     } else {
-      model.send({ kind: "click", tool: model.get("tool"), point: at(ev), size: size(), shift: ev.shiftKey, alt: ev.altKey });
+      model.send({ kind: "click", tool: tool(), point: at(ev), size: size(), shift: ev.shiftKey, alt: ev.altKey });
     }
     draw();
   });
@@ -121,7 +128,7 @@ function render({ model, el }) {
   });
   canvas.addEventListener("pointerup", (ev) => {
     if (!stroke) return;
-    model.send({ kind: "stroke", tool: model.get("tool"), points: stroke, size: size(), shift: ev.shiftKey, alt: ev.altKey });
+    model.send({ kind: "stroke", tool: tool(), points: stroke, size: size(), shift: ev.shiftKey, alt: ev.altKey });
     stroke = null;
     draw();
   });
@@ -141,7 +148,7 @@ function render({ model, el }) {
   document.addEventListener("keydown", onSpace, true);
   document.addEventListener("keyup", onSpace, true);
 
-  model.on("change:tool", sync);
+  model.on("change:tool", () => { localTool = null; sync(); });
   model.on("change:radius_px", draw);
   model.on("change:status", sync);
   model.on("change:colour", draw);
