@@ -223,7 +223,7 @@ class ReviewApp(w.VBox):
             "<div style='font:12px ui-monospace,Menlo,Consolas,monospace;color:#333;white-space:pre'>"
             f"{done}/{len(items)} reviewed   ✓ reviewed ● labelled ○ unlabelled\n"
             f"{'':2}{'slide':<{_NAME}}{'x':>6} {'y':>6}" + (f"  {'IoU':>5} {'unc':>5}" if st.has_predictions else
-                                                              "   (scores after training)") + "</div>")
+                                                              "   (no scores yet)") + "</div>")
 
     def _show_pending(self) -> None:
         st = self.state

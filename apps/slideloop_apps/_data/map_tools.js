@@ -36,8 +36,8 @@ function render({ model, el }) {
     ev.preventDefault();
     ev.stopPropagation();
     // switch the canvas at once: a click right after the key must not wait for the kernel's round trip
-    const t = TOOL_KEYS[name] || (/^[1-9]$/.test(name) && ["pan", "eraser", "accept", "select"].includes(tool()) ? "brush" : null);
-    if (t) { localTool = t; sync(); }
+    // (class keys are left to the kernel: with a polygon picked they change its class, not the tool)
+    if (TOOL_KEYS[name]) { localTool = TOOL_KEYS[name]; sync(); }
     model.send({ kind: "key", key: name });
   };
   document.addEventListener("keydown", onKey, true);
