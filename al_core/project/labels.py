@@ -107,10 +107,12 @@ class LabelVersions:
             return version
 
     def edit(self, slide_id: int, region: BaseGeometry, shapes: Sequence[Shape], *, author: str, message: str,
-             action: str, patch: PatchRow | None = None, base_version: int | None = None) -> int:
+             action: str, patch: PatchRow | None = None, base_version: int | None = None,
+             only_class: int | None = None) -> int:
         """Replace what lies inside ``region`` by ``shapes`` (clipped to it) in one new version.
 
-        Annotations under the region are retired and re-added without it, so the history keeps them.
+        Annotations under the region are retired and re-added without it, so the history keeps them;
+        with ``only_class`` only that class's annotations are (a class-aware eraser).
         ``base_version`` is the version the edit was drawn on: geometry changed after it that overlaps the
         region raises :class:`LabelConflictError`. ``patch`` records the review of that patch's region.
         """
@@ -122,6 +124,8 @@ class LabelVersions:
                 _check_conflicts(s, row, region, base_version)
             retire, keep = [], []
             for ann in _alive(s, slide_id, None, region.bounds):
+                if only_class is not None and ann.class_idx != only_class:
+                    continue
                 if ann.geometry.intersects(region):
                     retire.append(ann.id)
                     rest = ann.geometry.difference(region)
@@ -151,6 +155,28 @@ class LabelVersions:
         old = [(a.class_idx, a.geometry) for a in self.annotations(slide_id, to_version, region.bounds)]
         return self.edit(slide_id, region, old, author=author, message=f"revert to version {to_version}",
                          action="revert", patch=patch)
+
+    def replace(self, slide_id: int, annotation_id: int, class_idx: int | None, geometry: BaseGeometry | None, *,
+                author: str, message: str, patch: PatchRow | None = None) -> int:
+        """Retire one alive annotation and, unless ``class_idx`` is 0, add it back with the new class and/or
+        geometry (``None``: unchanged), in one new version: delete a polygon, change its class, move its
+        vertices. The re-added polygon is drawn above the others."""
+        from al_core.wsi.raster import polygonal_part  # rasterio: only when a geometry is edited
+
+        with self.store.write() as s:
+            row = _lock_slide(s, slide_id)
+            ann = s.get(AnnotationRow, annotation_id)
+            if ann is None or ann.slide_id != slide_id or ann.retired_version is not None:
+                raise LabelError(f"slide {row.name}", f"annotation {annotation_id} is not in the current labels")
+            new_cls = ann.class_idx if class_idx is None else int(class_idx)
+            geom = shapely.from_wkb(ann.wkb) if geometry is None else polygonal_part(_clip(geometry, row))
+            version = _new_version(s, slide_id, author, "", message)
+            ann.retired_version = version
+            if new_cls:
+                _insert(s, slide_id, version, [(new_cls, geom)], author)
+            if patch is not None:
+                _review(s, patch, version, author, "edit")
+            return version
 
     def mark_reviewed(self, patch: PatchRow, author: str, action: str = "reviewed") -> None:
         """Record that a reviewer looked at a patch and left its labels as they are."""

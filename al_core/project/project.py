@@ -304,6 +304,36 @@ class Project:
         return self.labels.edit(patch.slide_id, area, shapes, author=author, patch=patch, base_version=base_version,
                                 message=f"accept prediction of model {row.id}", action="accept")
 
+    def erase(self, slide: SlideKey, region: BaseGeometry, class_idx: int | None = None, *, author: str = "script",
+              patch_id: int | None = None, base_version: int | None = None) -> int:
+        """Erase ``region`` to background, only from class ``class_idx`` when given, as a new label version."""
+        row = self.slide_row(slide)
+        patch = self.patch(patch_id) if patch_id is not None else None
+        return self.labels.edit(row.id, region, [], author=author, message="erase", action="erase", patch=patch,
+                                base_version=base_version, only_class=class_idx or None)
+
+    def edit_annotation(self, slide: SlideKey, annotation_id: int, *, class_idx: int | None = None,
+                        geometry: BaseGeometry | None = None, delete: bool = False, author: str = "script",
+                        patch_id: int | None = None) -> int:
+        """Change one saved polygon as a new label version: its class, its vertices (``geometry``), or
+        ``delete`` it."""
+        row = self.slide_row(slide)
+        if class_idx not in (None, 0) and class_idx not in {c.idx for c in self.classes()}:
+            raise LabelError(f"slide {row.name}", f"unknown class index {class_idx}")
+        what = "delete" if delete else ("reshape" if geometry is not None else "change class of")
+        patch = self.patch(patch_id) if patch_id is not None else None
+        return self.labels.replace(row.id, annotation_id, 0 if delete else class_idx, None if delete else geometry,
+                                   author=author, message=f"{what} annotation {annotation_id}", patch=patch)
+
+    def revert_patch(self, patch_id: int, to_version: int, *, author: str = "script",
+                     region: BaseGeometry | None = None) -> int:
+        """Make a patch (or ``region``) look as it did at label version ``to_version``, as a new version."""
+        from al_core.project.patches import patch_box
+
+        patch = self.patch(patch_id)
+        area = patch_box(patch) if region is None else region
+        return self.labels.revert(patch.slide_id, area, to_version, author=author, patch=patch)
+
     def mark_reviewed(self, patch_id: int, author: str, action: str = "reviewed") -> None:
         """Record that a reviewer looked at a patch and kept its labels."""
         self.labels.mark_reviewed(self.patch(patch_id), author, action)

@@ -172,3 +172,49 @@ def default_lut() -> npt.NDArray[np.uint8]:
     # a class map without slideloop metadata: index 0 is background, others get fixed distinct colours
     colours = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
     return class_map_lut([{"index": i, "color": colours[(i - 1) % len(colours)]} for i in range(256)], background=0)
+
+
+# --- legible review overlays (labels outlined, errors) ---------------------------------------------------
+
+#: alpha inside labelled regions: light enough that nuclei stay visible under the class colour
+LABEL_FILL_ALPHA = 45
+#: false positives (predicted, not labelled so) and false negatives (labelled, not predicted): Okabe–Ito
+#: orange and sky blue, apart for every common colour-vision deficiency and from H&E's pink and purple
+ERROR_RGBA = {"fp": (230, 159, 0, 200), "fn": (86, 180, 233, 200)}
+
+
+def render_outlined_tile(mask: npt.NDArray[np.uint8], palette: npt.NDArray[np.uint8],
+                         fill_alpha: int = LABEL_FILL_ALPHA) -> bytes:
+    """RGBA PNG of a class-index tile as class-coloured outlines (2 px, opaque) over a light fill."""
+    return render_overlay_tile(mask, palette, fill_alpha)
+
+
+def render_outlined_label_tile(shapes: Sequence[tuple[int, BaseGeometry]], palette: npt.NDArray[np.uint8],
+                               pyramid: Pyramid, z: int, x: int, y: int,
+                               fill_alpha: int = LABEL_FILL_ALPHA) -> bytes:
+    """Like :func:`render_label_tile`, drawn as :func:`render_outlined_tile` (outline + light fill)."""
+    pyramid.check(z, x, y)
+    if not shapes:
+        return empty_png(pyramid.tile)
+    x0, y0, _, ds = pyramid.region(z, x, y)
+    return render_outlined_tile(rasterize(list(shapes), (x0, y0), float(ds), (pyramid.tile, pyramid.tile)), palette,
+                                fill_alpha)
+
+
+def error_classes(pred: npt.NDArray[np.uint8], label: npt.NDArray[np.uint8],
+                  covered: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint8]:
+    """Per pixel 1 = false positive (a class predicted that the label does not have there), 2 = false
+    negative (labelled, predicted background), 0 = agreement or no prediction (``covered`` False)."""
+    out = np.zeros(pred.shape, dtype=np.uint8)
+    out[covered & (pred > 0) & (pred != label)] = 1
+    out[covered & (pred == 0) & (label > 0)] = 2
+    return out
+
+
+def render_error_tile(errors: npt.NDArray[np.uint8]) -> bytes:
+    """RGBA PNG of :func:`error_classes` in the :data:`ERROR_RGBA` colours; agreement is transparent."""
+    if not errors.any():
+        return empty_png(errors.shape[1])
+    lut = np.zeros((256, 4), dtype=np.uint8)
+    lut[1], lut[2] = ERROR_RGBA["fp"], ERROR_RGBA["fn"]
+    return encode_png(lut[errors])

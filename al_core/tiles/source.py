@@ -19,11 +19,14 @@ from al_core.tiles.cache import LRUCache
 from al_core.tiles.pyramid import Pyramid
 from al_core.tiles.render import (
     class_palette,
+    error_classes,
     paste_patch_classes,
     render_class_tile,
-    render_label_tile,
+    render_error_tile,
+    render_outlined_label_tile,
     render_slide_tile,
 )
+from al_core.wsi.raster import rasterize
 from al_core.wsi.slides import Slide
 
 
@@ -54,6 +57,7 @@ class TileSource:
         self._info_lock = threading.Lock()
         self._patches: dict[tuple[int, int | None], list[Any]] = {}
         self._models: set[int] = set()
+        self._labelled_ids: dict[tuple[int, int], set[int]] = {}
 
     def slide_info(self, slide_id: int) -> SlideInfo:
         """Metadata of a registered slide; :class:`~al_core.errors.ProjectError` for an unknown id."""
@@ -102,7 +106,7 @@ class TileSource:
             x0, y0, side, _ = pyr.region(z, x, y)
             anns = self.project.labels.annotations(slide_id, region=(x0, y0, x0 + side, y0 + side))
             shapes = [(a.class_idx, a.geometry) for a in anns]
-            data = render_label_tile(shapes, class_palette(self.project.classes()), pyr, z, x, y)
+            data = render_outlined_label_tile(shapes, class_palette(self.project.classes()), pyr, z, x, y)
             self.cache.put(key, data)
         return data
 
@@ -128,6 +132,48 @@ class TileSource:
             data = render_class_tile(tile, class_palette(self.project.classes()))
             self.cache.put(key, data)
         return data
+
+    def error_tile(self, slide_id: int, model_id: int, z: int, x: int, y: int) -> bytes:
+        """RGBA PNG of where a model's prediction and the current label disagree, over the labelled patches
+        the model predicted: false positives and false negatives in two colours."""
+        info = self.slide_info(slide_id)
+        pyr = info.pyramid
+        pyr.check(z, x, y)
+        self._check_model(model_id)
+        version = self.project.labels.version(slide_id)
+        key = ("errors", slide_id, model_id, version, z, x, y)
+        data = self.cache.get(key)
+        if data is None:
+            x0, y0, side, ds = pyr.region(z, x, y)
+            pred = np.zeros((pyr.tile, pyr.tile), dtype=np.uint8)
+            covered = np.zeros((pyr.tile, pyr.tile), dtype=np.uint8)
+            labelled = self._labelled(slide_id, version)
+            for p in self._slide_patches(slide_id):
+                if p.id not in labelled or p.x >= x0 + side or p.y >= y0 + side or p.x + p.size <= x0 \
+                        or p.y + p.size <= y0:
+                    continue
+                try:
+                    classes = self.project.predictions.classes(model_id, p.id)
+                except (ProjectError, FileNotFoundError, KeyError):
+                    continue
+                paste_patch_classes(pred, classes, (p.x, p.y), p.size, (x0, y0), ds)
+                paste_patch_classes(covered, np.ones_like(classes), (p.x, p.y), p.size, (x0, y0), ds)
+            anns = self.project.labels.annotations(slide_id, region=(x0, y0, x0 + side, y0 + side))
+            label = rasterize([(a.class_idx, a.geometry) for a in anns], (x0, y0), float(ds), (pyr.tile, pyr.tile))
+            data = render_error_tile(error_classes(pred, label, covered.astype(bool)))
+            self.cache.put(key, data)
+        return data
+
+    def _labelled(self, slide_id: int, version: int) -> set[int]:
+        # which patches count as labelled changes only with a new label version
+        key = (slide_id, version)
+        with self._info_lock:
+            ids = self._labelled_ids.get(key)
+        if ids is None:
+            ids = self.project.labelled_patch_ids(slide_id)
+            with self._info_lock:
+                self._labelled_ids = {key: ids}
+        return ids
 
     def _check_model(self, model_id: int) -> None:
         with self._info_lock:

@@ -23,17 +23,27 @@ from ipyleaflet import (
 from shapely.geometry import mapping
 
 from al_core.errors import SlideloopError
-from slideloop_apps.state import ZOOM_SNAP, AppState, QueueItem, fit_zoom, patch_center, patch_outline
+from slideloop_apps.review_tools import ACCEPT_COLOUR, ERASE_COLOUR, ToolPanel
+from slideloop_apps.state import ACCEPT, ZOOM_SNAP, AppState, QueueItem, fit_zoom, patch_center, patch_outline
 from slideloop_apps.ui import message_html, scale_bar_html
 
-MAP_HEIGHT = "640px"
+#: the map fills the window's height below the title and message (at 1280×800 the queue must stay on screen)
+MAP_HEIGHT = "max(420px, calc(100vh - 190px))"
 #: characters of the slide name in a queue row
-_NAME = 18
+_NAME = 20
 _CSS = """<style>
 .slideloop-queue select { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; }
 .slideloop-title { font-size: 18px; font-weight: 600; }
-.slideloop-panel h4 { margin: 10px 0 4px 0; }
+.slideloop-panel h4 { margin: 8px 0 2px 0; }
+.slideloop-model div { font-size: 12px; line-height: 1.35; }
+.slideloop-tool button, .slideloop-mode button { padding: 0 4px; font-size: 12px; }
+.slideloop-tools-status { font: 12px ui-monospace, Menlo, Consolas, monospace; color: #333; margin: 2px 0; }
 </style>"""
+
+
+_LEGEND = ("<div style='color:#555;font-size:12px;line-height:1.4'>Labels: class outline, light fill · "
+           "prediction: dashed outline · errors (m): <span style='background:#e69f00;padding:0 4px'>false positive"
+           "</span> <span style='background:#56b4e9;padding:0 4px'>false negative</span></div>")
 
 
 class ReviewApp(w.VBox):
@@ -42,6 +52,8 @@ class ReviewApp(w.VBox):
     def __init__(self, state: AppState, **kwargs: Any) -> None:
         self.state = state
         self._layers: dict[str, TileLayer] = {}
+        #: which overlays are on (keys l, o, m); a layer that is off is not on the map, so it fetches nothing
+        self._shown = {"labels": True, "prediction": True, "errors": False}
         self._syncing = False
         classes = [c for c in state.classes() if c.idx > 0]
 
@@ -71,28 +83,44 @@ class ReviewApp(w.VBox):
         self.slide_picker = w.Dropdown(options=state.slide_choices(), value=state.slide_id, description="Slide",
                                        layout=w.Layout(width="100%")).add_class("slideloop-slide")
         self.model_note = w.HTML().add_class("slideloop-model")
-        self.label_opacity = w.FloatSlider(0.5, min=0, max=1, step=0.05, description="Labels",
-                                           readout_format=".0%")
-        self.pred_opacity = w.FloatSlider(0.5, min=0, max=1, step=0.05, description="Prediction",
-                                          readout_format=".0%")
-        self.mode = w.ToggleButtons(options=[(c.name, c.idx) for c in classes] + [("Erase", 0)],
-                                    value=state.mode, description="Draw as",
-                                    style={"button_width": "90px"}).add_class("slideloop-mode")
-        self.undo_btn = w.Button(description="Undo", icon="undo").add_class("slideloop-undo")
+        self.label_opacity = _opacity(0.9, "slideloop-label-opacity")
+        self.pred_opacity = _opacity(0.35, "slideloop-pred-opacity")
+        self.error_opacity = _opacity(0.8, "slideloop-error-opacity")
+        self.contours = GeoJSON(data={"type": "FeatureCollection", "features": []}, name="Prediction outline",
+                                style={"weight": 2, "fill": False, "dashArray": "6 4", "opacity": 0.95})
+        self.mode = w.ToggleButtons(options=[(f"{i} {c.name}" if i < 10 else c.name, c.idx)
+                                             for i, c in enumerate(classes, 1)] + [("Erase", 0)],
+                                    value=state.mode, tooltips=[f"key {c.idx}" for c in classes] + ["key e"],
+                                    style={"button_width": "auto"}).add_class("slideloop-mode")
+        self.undo_btn = w.Button(description="Undo", icon="undo", tooltip="Ctrl+Z: the last unsaved shape, else "
+                                 "the last saved edit").add_class("slideloop-undo")
+        self.redo_btn = w.Button(description="Redo", icon="repeat", tooltip="Ctrl+Shift+Z").add_class("slideloop-redo")
         self.save_btn = w.Button(description="Save", icon="save", button_style="primary").add_class("slideloop-save")
-        self.accept_btn = w.Button(description="Accept prediction", icon="check",
-                                   tooltip="Replace this patch's labels by the model's prediction")
+        self.accept_btn = w.Button(description="Accept", icon="check", layout=w.Layout(width="94px"),
+                                   tooltip="a: the model's prediction becomes this patch's label (the Accept "
+                                           "brush, c, takes it only where you paint)")
         self.accept_btn.add_class("slideloop-accept")
-        self.queue = w.Select(options=[], rows=16, layout=w.Layout(width="100%")).add_class("slideloop-queue")
+        self.queue = w.Select(options=[], rows=10, layout=w.Layout(width="100%")).add_class("slideloop-queue")
         self.prev_btn = w.Button(description="Previous", icon="arrow-up").add_class("slideloop-prev")
         self.next_btn = w.Button(description="Next", icon="arrow-down").add_class("slideloop-next")
         self.queue_head = w.HTML()
 
+        self.tool_panel = ToolPanel(state, self.map, {
+            "next": lambda: state.step(+1), "prev": lambda: state.step(-1), "save": state.save,
+            "accept": state.accept_prediction, "toggle:labels": lambda: self.toggle_layer("labels"),
+            "toggle:prediction": lambda: self.toggle_layer("prediction"),
+            "toggle:errors": lambda: self.toggle_layer("errors")})
+        for b in (self.undo_btn, self.redo_btn, self.save_btn):
+            b.layout.width = "94px"
+        opacities = w.GridBox(
+            [w.HTML(f"<span style='font-size:12px'>{t}</span>") for t in ("Labels (l)", "Prediction (o)", "Errors (m)")]
+            + [self.label_opacity, self.pred_opacity, self.error_opacity],
+            layout=w.Layout(grid_template_columns="repeat(3, 1fr)", grid_gap="0 6px", width="100%"))
         panel = w.VBox([
             self.slide_picker, self.model_note,
-            w.HTML("<h4>Overlays</h4>"), self.label_opacity, self.pred_opacity,
-            w.HTML("<div style='color:#555;font-size:12px'>Labels are filled; the prediction is outlined.</div>"),
-            w.HTML("<h4>Correct</h4>"), self.mode, w.HBox([self.undo_btn, self.save_btn]), self.accept_btn,
+            w.HTML("<h4>Overlays</h4>"), opacities, w.HTML(_LEGEND),
+            w.HTML("<h4>Correct</h4>"), self.mode, self.tool_panel,
+            w.HBox([self.undo_btn, self.redo_btn, self.save_btn, self.accept_btn]),
             w.HTML("<h4>Review queue</h4>"), self.queue_head, self.queue, w.HBox([self.prev_btn, self.next_btn]),
         ], layout=w.Layout(width="400px", min_width="400px", padding="0 0 0 12px")).add_class("slideloop-panel")
         title = w.HTML(f"{_CSS}<div class='slideloop-title'>slideloop · review "
@@ -101,9 +129,10 @@ class ReviewApp(w.VBox):
 
         # wiring --------------------------------------------------------------------------------------
         self.slide_picker.observe(lambda ch: state.select_slide(ch["new"]), names="value")
-        self.mode.observe(lambda ch: setattr(state, "mode", ch["new"]), names="value")
-        self.undo_btn.on_click(lambda _: state.undo())
-        self.save_btn.on_click(lambda _: state.save())
+        w.link((self.mode, "value"), (state, "mode"))  # the class keys 1–9 set it too
+        self.undo_btn.on_click(lambda _: self.tool_panel.key("ctrl+z"))
+        self.redo_btn.on_click(lambda _: self.tool_panel.key("ctrl+Z"))
+        self.save_btn.on_click(lambda _: self.tool_panel.key("s"))
         self.accept_btn.on_click(lambda _: state.accept_prediction())
         self.prev_btn.on_click(lambda _: state.step(-1))
         self.next_btn.on_click(lambda _: state.step(+1))
@@ -123,8 +152,8 @@ class ReviewApp(w.VBox):
         if problem:
             state.say(problem, "error")
         else:
-            state.say("Pick a patch in the review queue (arrow keys or Previous/Next step through it), draw "
-                      "over the map to correct its labels, then Save.")
+            state.say("Pick a patch in the queue (n / p step through it from anywhere on the page), paint with the "
+                      "brush (b) or click with the wand (w), then Save (s); ? lists the keys.")
 
     # --- state → widgets ---------------------------------------------------------------------------
     def _show_message(self, _: Any = None) -> None:
@@ -133,7 +162,7 @@ class ReviewApp(w.VBox):
     def _show_slide(self) -> None:
         st = self.state
         pyr = st.pyramid()
-        for layer in [*self._layers.values(), self.outline, self.pending]:
+        for layer in [*self._layers.values(), self.contours, self.outline, self.pending]:
             if layer in self.map.layers:
                 self.map.remove(layer)
         bounds = pyr.bounds()
@@ -141,16 +170,14 @@ class ReviewApp(w.VBox):
                     tile_size=256, attribution="")
         urls = st.tile_urls()
         self._layers = {"slide": TileLayer(url=urls["slide"], name="Slide", base=True, **opts)}
-        self._layers["labels"] = TileLayer(url=urls["labels"], name="Labels", opacity=self.label_opacity.value, **opts)
-        if "prediction" in urls:
-            self._layers["prediction"] = TileLayer(url=urls["prediction"], name="Prediction",
-                                                   opacity=self.pred_opacity.value, **opts)
-        for layer in [*self._layers.values(), self.outline, self.pending]:
+        self._layers["labels"] = self._overlay("labels", urls["labels"])
+        self._layers.update(self._model_layers(urls))
+        for name, layer in self._layers.items():
+            if self._shown.get(name, True):
+                self.map.add(layer)
+        for layer in (self.contours, self.outline, self.pending):
             self.map.add(layer)
-        w.jslink((self.label_opacity, "value"), (self._layers["labels"], "opacity"))
-        if "prediction" in self._layers:
-            w.jslink((self.pred_opacity, "value"), (self._layers["prediction"], "opacity"))
-        self.pred_opacity.disabled = self.accept_btn.disabled = "prediction" not in self._layers
+        self._model_controls()
         self.model_note.value = f"<div style='color:#444;margin:4px 0'>{html.escape(st.model_note())}</div>"
         self.map.max_zoom = pyr.zmax + 2
         self.map.center = ((bounds[0][0] + bounds[1][0]) / 2, (bounds[0][1] + bounds[1][1]) / 2)
@@ -166,6 +193,7 @@ class ReviewApp(w.VBox):
 
     def _show_patch(self) -> None:
         st = self.state
+        self._show_contours()
         if st.patch_id is None:
             self.outline.data = patch_outline([], st.pyramid())
             return
@@ -194,7 +222,8 @@ class ReviewApp(w.VBox):
         self.queue_head.value = (
             "<div style='font:12px ui-monospace,Menlo,Consolas,monospace;color:#333;white-space:pre'>"
             f"{done}/{len(items)} reviewed   ✓ reviewed ● labelled ○ unlabelled\n"
-            f"{'':2}{'slide':<{_NAME}}{'x':>6} {'y':>6}  {'IoU':>5} {'unc':>5}</div>")
+            f"{'':2}{'slide':<{_NAME}}{'x':>6} {'y':>6}" + (f"  {'IoU':>5} {'unc':>5}" if st.has_predictions else
+                                                              "   (no scores yet)") + "</div>")
 
     def _show_pending(self) -> None:
         st = self.state
@@ -203,35 +232,81 @@ class ReviewApp(w.VBox):
         feats = []
         for mode, geom in st.pending:
             scaled = pyr.geometry_to_map(geom)
-            color = colors.get(mode, "#000000") if mode else "#ffffff"
+            color = {0: ERASE_COLOUR, ACCEPT: ACCEPT_COLOUR}.get(mode) or colors.get(mode, "#000000")
             feats.append({"type": "Feature", "geometry": mapping(scaled),
                           "properties": {"style": {"color": color, "fillColor": color,
                                                    "dashArray": "4 3" if mode == 0 else None}}})
         self.pending.data = {"type": "FeatureCollection", "features": feats}
 
+    def toggle_layer(self, name: str) -> None:
+        """Show or hide an overlay (labels, prediction, errors) without losing its opacity."""
+        layer = self._layers.get(name)
+        if layer is None:
+            self.state.say(f"There is no {name} overlay" + (" until a model has predicted." if name != "labels" else "."))
+            return
+        self._shown[name] = not self._shown[name]
+        if self._shown[name] and layer not in self.map.layers:
+            self.map.add(layer)
+        elif not self._shown[name] and layer in self.map.layers:
+            self.map.remove(layer)
+        self.state.say(f"{name.capitalize()} overlay {'shown' if self._shown[name] else 'hidden'}.")
+
     def _refresh_overlays(self) -> None:
         urls = self.state.tile_urls()
-        if "labels" in self._layers:
-            self._layers["labels"].url = urls["labels"]  # a new ?v= makes Leaflet refetch every visible tile
+        for name in ("labels", "errors"):
+            if name in self._layers and name in urls:
+                self._layers[name].url = urls[name]  # a new ?v= makes Leaflet refetch every visible tile
 
     def _show_model(self) -> None:
-        """Another model ranks the queue now (a training run finished): swap the prediction layer and the
-        model note without moving the map."""
+        """Another model ranks the queue now (a training run finished): swap the prediction and error layers
+        and the model note without moving the map."""
+        for name in ("prediction", "errors"):
+            old = self._layers.pop(name, None)
+            if old is not None and old in self.map.layers:
+                self.map.remove(old)
+        for name, layer in self._model_layers(self.state.tile_urls()).items():
+            self._layers[name] = layer
+            if self._shown[name]:
+                self.map.add(layer)
+        self._model_controls()
+        self._show_contours()
+
+    _OPACITY = {"labels": "label_opacity", "prediction": "pred_opacity", "errors": "error_opacity"}
+    _NAMES = {"labels": "Labels", "prediction": "Prediction", "errors": "Errors (FP orange, FN blue)"}
+
+    def _overlay(self, name: str, url: str) -> TileLayer:
+        """An overlay tile layer whose opacity follows its slider (in the browser, no round trip)."""
+        pyr = self.state.pyramid()
+        slider: w.FloatSlider = getattr(self, self._OPACITY[name])
+        layer = TileLayer(url=url, name=self._NAMES[name], opacity=slider.value, bounds=pyr.bounds(),
+                          max_native_zoom=pyr.zmax, max_zoom=pyr.zmax + 2, min_zoom=0, no_wrap=True, tile_size=256,
+                          attribution="")
+        w.jslink((slider, "value"), (layer, "opacity"))
+        return layer
+
+    def _model_layers(self, urls: dict[str, str]) -> dict[str, TileLayer]:
+        return {name: self._overlay(name, urls[name]) for name in ("prediction", "errors") if name in urls}
+
+    def _model_controls(self) -> None:
+        no_model = "prediction" not in self._layers
+        self.pred_opacity.disabled = self.error_opacity.disabled = self.accept_btn.disabled = no_model
+        self.model_note.value = f"<div style='color:#444;margin:4px 0'>{html.escape(self.state.model_note())}</div>"
+
+    def _show_contours(self) -> None:
+        """The current patch's prediction as smooth dashed outlines in its class colours."""
         st = self.state
-        old = self._layers.pop("prediction", None)
-        if old is not None and old in self.map.layers:
-            self.map.remove(old)
-        urls = st.tile_urls()
-        if "prediction" in urls:
-            pyr = st.pyramid()
-            layer = TileLayer(url=urls["prediction"], name="Prediction", opacity=self.pred_opacity.value,
-                              bounds=pyr.bounds(), max_native_zoom=pyr.zmax, max_zoom=pyr.zmax + 2, min_zoom=0,
-                              no_wrap=True, tile_size=256, attribution="")
-            self._layers["prediction"] = layer
-            self.map.add(layer)
-            w.jslink((self.pred_opacity, "value"), (layer, "opacity"))
-        self.pred_opacity.disabled = self.accept_btn.disabled = "prediction" not in self._layers
-        self.model_note.value = f"<div style='color:#444;margin:4px 0'>{html.escape(st.model_note())}</div>"
+        pyr = st.pyramid()
+        colors = {c.idx: c.color for c in st.classes()}
+        feats = []
+        for c, g in st.prediction_contours():
+            geom = mapping(pyr.geometry_to_map(g))
+            # a pale solid halo under the dashed class colour: the outline reads on pink and purple alike
+            feats.append({"type": "Feature", "geometry": geom,
+                          "properties": {"style": {"color": "#ffffff", "weight": 4, "dashArray": None,
+                                                   "opacity": 0.7}}})
+            feats.append({"type": "Feature", "geometry": geom,
+                          "properties": {"style": {"color": colors.get(c, "#000000")}}})
+        self.contours.data = {"type": "FeatureCollection", "features": feats}
 
     def _on_zoom(self, _: Any = None) -> None:
         st = self.state
@@ -255,11 +330,26 @@ class ReviewApp(w.VBox):
         self.draw.clear()  # the shape lives on in the 'Unsaved shapes' layer, coloured by its class
 
 
+def _opacity(value: float, css: str) -> w.FloatSlider:
+    return w.FloatSlider(value, min=0, max=1, step=0.05, readout=False,
+                         layout=w.Layout(width="100%")).add_class(css)
+
+
 def _queue_label(q: QueueItem) -> str:
     mark = "✓" if q.reviewed else ("●" if q.labelled else "○")
     iou = "  -  " if q.iou is None else f"{q.iou:5.2f}"
     unc = "  -  " if q.uncertainty is None else f"{q.uncertainty:5.2f}"
-    return f"{mark} {q.slide[:_NAME]:<{_NAME}}{q.x:>6} {q.y:>6}  {iou} {unc}"
+    if q.iou is None and q.uncertainty is None:
+        return f"{mark} {_short(q.slide):<{_NAME}}{q.x:>6} {q.y:>6}"
+    return f"{mark} {_short(q.slide):<{_NAME}}{q.x:>6} {q.y:>6}  {iou} {unc}"
+
+
+def _short(name: str) -> str:
+    """A slide name in :data:`_NAME` characters, cut in the middle: the ends tell slides apart."""
+    if len(name) <= _NAME:
+        return name
+    head = (_NAME - 2) // 2
+    return f"{name[:head]}…{name[-(_NAME - 2 - head):]}"
 
 
 def build_app() -> w.Widget:

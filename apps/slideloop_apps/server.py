@@ -6,6 +6,7 @@ Routes, all under ``<base_url>slideloop/`` and all behind Jupyter's own authenti
     tiles/<slide>/<z>/<x>/<y>.jpeg          slide tile, immutable
     labels/<slide>/<z>/<x>/<y>.png          current labels, RGBA, revalidated on every use
     prediction/<slide>/<model>/<z>/<x>/<y>.png   a model's argmax prediction, RGBA
+    errors/<slide>/<model>/<z>/<x>/<y>.png       where that prediction and the current labels disagree, RGBA
     inference/<run>/<z>/<x>/<y>.png         class map of a deployment-view run (pyramidal TIFF), RGBA, immutable
     inference/<run>/files/<kind>            that run's output as a download: tiff, geojson or report
 
@@ -202,6 +203,15 @@ class PredictionTileHandler(_TileHandler):
         await self._serve(lambda *a: self.service.source().prediction_tile(*a), slide, model, z, x, y)
 
 
+class ErrorTileHandler(_TileHandler):
+    """``errors/<slide>/<model>/<z>/<x>/<y>.png``: where a model's prediction and the current labels disagree."""
+
+    @web.authenticated
+    async def get(self, slide: str, model: str, z: str, x: str, y: str) -> None:
+        """Send the error-map tile."""
+        await self._serve(lambda *a: self.service.source().error_tile(*a), slide, model, z, x, y)
+
+
 class InferenceTileHandler(_TileHandler):
     """``inference/<run>/<z>/<x>/<y>.png``: the class map of a deployment-view run."""
 
@@ -271,6 +281,7 @@ def handlers(base_url: str) -> list[tuple[str, type[JupyterHandler]]]:
         (rf"tiles/{seg}/{seg}/{seg}/{seg}\.jpeg", SlideTileHandler),
         (rf"labels/{seg}/{seg}/{seg}/{seg}\.png", LabelTileHandler),
         (rf"prediction/{seg}/{seg}/{seg}/{seg}/{seg}\.png", PredictionTileHandler),
+        (rf"errors/{seg}/{seg}/{seg}/{seg}/{seg}\.png", ErrorTileHandler),
         (rf"inference/{seg}/{seg}/{seg}/{seg}\.png", InferenceTileHandler),
         (rf"inference/{seg}/files/{seg}", InferenceFileHandler),
     ]

@@ -20,6 +20,7 @@ from traitlets import Bool, HasTraits, Instance, Int, List, Unicode
 
 from al_core.errors import LabelError, NoModelError, SlideloopError
 from al_core.project.classes import ClassInfo
+from al_core.project.label_edits import EditHistory
 from al_core.project.labels import LabelConflictError
 from al_core.project.project import PROJECT_ENV, Project
 from al_core.project.schema import PatchRow
@@ -27,6 +28,8 @@ from al_core.tiles.pyramid import Pyramid
 from slideloop_apps import BASE_URL_ENV, ROUTE_PREFIX
 
 AUTHOR_ENV = "SLIDELOOP_AUTHOR"
+#: the pending mode of a region where the label takes the model's prediction (accept inside a region)
+ACCEPT = -1
 
 
 def server_base_url() -> str:
@@ -67,7 +70,8 @@ class AppState(HasTraits):
     patch_id = Int(None, allow_none=True)
     #: class index drawn shapes get; 0 erases to background
     mode = Int(1)
-    #: shapes drawn since the last save, as (mode, geometry in level-0 px)
+    #: shapes drawn since the last save, as (mode, geometry in level-0 px); mode :data:`ACCEPT` takes the
+    #: prediction there
     pending: List[tuple[int, BaseGeometry]] = List()
     #: the slide's label version when the first pending shape was drawn (what the edit was drawn on)
     pending_base = Int(None, allow_none=True)
@@ -84,6 +88,10 @@ class AppState(HasTraits):
     model_problem = Unicode("")
     #: bumped when another model takes over ranking (the prediction overlay and model note follow it)
     model_revision = Int(0)
+    #: go on to the next queue patch after Save and Accept
+    auto_advance = Bool(False)
+    #: saved edits of this session, for undo and redo across saves
+    history = Instance(EditHistory, ())
 
     def __init__(self, project: Project, **kwargs: Any) -> None:
         super().__init__(project=project, **kwargs)
@@ -142,7 +150,21 @@ class AppState(HasTraits):
                 "labels": f"{root}labels/{sid}/{{z}}/{{x}}/{{y}}.png?v={self.revision}"}
         if self.model_id is not None and self.has_predictions:
             urls["prediction"] = f"{root}prediction/{sid}/{self.model_id}/{{z}}/{{x}}/{{y}}.png"
+            urls["errors"] = f"{root}errors/{sid}/{self.model_id}/{{z}}/{{x}}/{{y}}.png?v={self.revision}"
         return urls
+
+    def prediction_contours(self) -> list[tuple[int, BaseGeometry]]:
+        """The model's prediction for the current patch as smooth (class, polygon) outlines in level-0 px."""
+        if self.patch_id is None or self.model_id is None or not self.has_predictions:
+            return []
+        from al_core.tiles.contours import smooth_contours
+
+        patch = self.project.patch(self.patch_id)
+        try:
+            classes = self.project.predictions.classes(self.model_id, patch.id)
+        except (SlideloopError, FileNotFoundError, KeyError):
+            return []  # this patch was not predicted by the model (e.g. a newer grid)
+        return smooth_contours(classes, (patch.x, patch.y), patch.size / classes.shape[1])
 
     def latest_model_id(self) -> int | None:
         """The newest finished model of the project, if one was trained."""
@@ -260,6 +282,25 @@ class AppState(HasTraits):
                  "version.", "warning" if repaired else "info")
         return True
 
+    def add_region(self, mode: int, geom: BaseGeometry, what: str = "shape") -> bool:
+        """Queue a region in level-0 px (a brush stroke, a wand selection) with ``mode`` for saving."""
+        pyr = self.pyramid()
+        geom = shapely.make_valid(geom).intersection(box(0, 0, pyr.width, pyr.height))
+        if geom.is_empty or geom.area < 1:
+            self.say(f"The {what} lies outside the slide: nothing to save.", "warning")
+            return False
+        if mode == ACCEPT and (self.patch_id is None or not self.has_predictions):
+            self.say("Accepting the prediction in a region needs a patch with a prediction: pick one in the queue.",
+                     "warning")
+            return False
+        if not self.pending:
+            self.pending_base = self.project.label_version(self.slide_id)
+        self.pending = [*self.pending, (mode, geom)]
+        name = {0: "erase", ACCEPT: "accept prediction"}.get(mode) or self._class_name(mode)
+        self.say(f"{len(self.pending)} shape(s) to save (last: {what}, {name}). Save (s) writes them as a new "
+                 "label version.")
+        return True
+
     def _to_slide_geometry(self, geojson: dict[str, Any]) -> tuple[BaseGeometry, bool]:
         """The drawn shape in level-0 px, made valid and clipped to the slide; and whether it was repaired."""
         geometry = geojson.get("geometry", geojson)
@@ -297,20 +338,49 @@ class AppState(HasTraits):
                 groups.append((mode, [geom]))
         version = None
         base = self.pending_base
+        before = self.project.label_version(self.slide_id)
         try:
             for i, (mode, geoms) in enumerate(groups):
-                version = self.project.correct(self.slide_id, shapely.union_all(geoms), mode or None,
-                                               author=self.author, patch_id=self.patch_id,
-                                               base_version=base if i == 0 else None)
+                version = self._write(mode, shapely.union_all(geoms), base if i == 0 else None)
         except LabelConflictError as err:
             self.say(f"Not saved: {err.problem}. Your unsaved shapes are still on the map.", "error")
             return None
         except SlideloopError as err:
             self.say(f"Not saved: {err}", "error")
             return None
+        if version is not None:
+            self.history.record(shapely.union_all([g for _, g in self.pending]), before, version)
         self.pending = []
         self.pending_base = None
         self._after_write(f"Saved label version {version}")
+        return version
+
+    def _write(self, mode: int, geom: BaseGeometry, base: int | None) -> int:
+        if mode == ACCEPT:
+            if self.patch_id is None or self.model_id is None:
+                raise SlideloopError("accepting the prediction in a region needs a patch and a model")
+            return self.project.accept_prediction(self.patch_id, self.model_id, author=self.author, region=geom,
+                                                  base_version=base)
+        return self.project.correct(self.slide_id, geom, mode or None, author=self.author, patch_id=self.patch_id,
+                                    base_version=base)
+
+    def undo_saved(self, redo: bool = False) -> int | None:
+        """Undo (or redo) the last saved edit of this session: its region reverts to the version before (or
+        after) it, as a new label version."""
+        step = self.history.redo() if redo else self.history.undo()
+        if step is None:
+            self.say(f"Nothing to {'redo' if redo else 'undo'}.")
+            return None
+        region, to_version = step
+        try:
+            version = self.project.labels.revert(self.slide_id, region, to_version, author=self.author)
+        except SlideloopError as err:
+            self.say(f"Not {'redone' if redo else 'undone'}: {err}", "error")
+            return None
+        self.revision += 1
+        self.refresh_queue(keep_order=True)
+        self.say(f"{'Redid' if redo else 'Undid'} the last saved edit: its region shows label version "
+                 f"{to_version} again (saved as version {version}).")
         return version
 
     def accept_prediction(self) -> int | None:
@@ -322,10 +392,13 @@ class AppState(HasTraits):
             self.say("Choose a patch in the queue first.", "warning")
             return None
         try:
+            before = self.project.label_version(self.slide_id)
             version = self.project.accept_prediction(self.patch_id, self.model_id, author=self.author)
         except SlideloopError as err:
             self.say(f"No prediction for this patch: {err}", "error")
             return None
+        patch = self.project.patch(self.patch_id)
+        self.history.record(box(patch.x, patch.y, patch.x + patch.size, patch.y + patch.size), before, version)
         self._after_write(f"Accepted the prediction as label version {version}")
         return version
 
@@ -334,6 +407,8 @@ class AppState(HasTraits):
         row = next((q for q in self.queue if q.patch_id == self.patch_id), None)
         self.refresh_queue(keep_order=True)
         where = f" for patch {row.patch_id} ({row.slide} x={row.x}, y={row.y}); marked reviewed" if row else ""
+        if self.auto_advance and row is not None and self.step(+1) != row.patch_id:
+            where += "; on to the next patch"
         self.say(what + where + ".")
 
     def _class_name(self, idx: int) -> str:

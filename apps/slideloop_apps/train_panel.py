@@ -89,7 +89,9 @@ class TrainPanel(w.VBox):
         self.progress = w.FloatProgress(0.0, min=0.0, max=1.0, description="Progress",
                                         layout=w.Layout(width="100%")).add_class("slideloop-train-progress")
         self.timing = w.HTML().add_class("slideloop-train-time")
-        self.curves = w.Image(format="png", layout=w.Layout(width="560px")).add_class("slideloop-curves")
+        # an empty Image is a broken-image icon: start with the empty chart that says what will come
+        self.curves = w.Image(value=render_curves([], TrainSettings.epochs), format="png",
+                              layout=w.Layout(width="560px")).add_class("slideloop-curves")
         self.curve_caption = w.HTML().add_class("slideloop-curve-caption")
         self.compare = w.HTML().add_class("slideloop-compare")
         self.models = w.HTML().add_class("slideloop-models")
@@ -341,6 +343,18 @@ class TrainPanel(w.VBox):
         self.refresh()
 
 
+def _loss_scale(ax: Any, losses: list[float]) -> None:
+    """Loss axis limits that show the run: from 0 for one point (not matplotlib's ±40 % around it), and
+    logarithmic when one epoch's loss dwarfs the others (an epoch-1 spike would flatten the rest)."""
+    if not losses:
+        return
+    lo, hi = min(losses), max(losses)
+    if lo > 0 and hi / lo > 20:
+        ax.set_yscale("log")
+    elif len(set(losses)) <= 2 or lo == hi:
+        ax.set_ylim(0, max(hi, 1e-6) * 1.25)
+
+
 def render_curves(history: list[dict[str, Any]], epochs: int) -> bytes:
     """Training and validation loss (left axis) and validation IoU (right axis) per epoch, as a PNG."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state in a long-lived kernel
@@ -357,6 +371,7 @@ def render_curves(history: list[dict[str, Any]], epochs: int) -> bytes:
         ax.plot(ep, series("val_loss"), "s-", color="#ff7f0e", label="val loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
+    _loss_scale(ax, [v for k in ("train_loss", "val_loss") for v in series(k) if v == v])
     ax.set_xlim(0.5, max(epochs, len(ep), 1) + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)

@@ -165,3 +165,35 @@ def test_with_a_model(trained_copy: tuple[Path, int]) -> None:
         got = proj.label_mask(proj.patch(pid))
         small = got[:: got.shape[0] // want.shape[0], :: got.shape[1] // want.shape[1]]
         assert (small == want).mean() > 0.95
+
+
+@pytest.mark.slow
+def test_accept_the_prediction_inside_a_brushed_region_only(trained_copy: tuple[Path, int]) -> None:
+    from slideloop_apps.editing import Editor
+
+    from al_core.project.label_edits import class_areas
+    from al_core.wsi.raster import rasterize
+
+    root, model_id = trained_copy
+    with Project.open(root) as proj:
+        state = AppState(proj, author="tester")
+        editor = Editor(state, tool="accept")
+        pid = state.step(+1)
+        assert pid is not None
+        patch = proj.patch(pid)
+        y = patch.y + patch.size / 2
+        assert editor.stroke([(patch.x + 20, y), (patch.x + patch.size - 20, y)])
+        assert state.save() is not None, state.message
+        region = state.history.done[-1][0]  # the stroke, as saved
+        # outside the stroke nothing changed …
+        rest = box(patch.x, patch.y, patch.x + patch.size, patch.y + patch.size).difference(region.buffer(1))
+        now, then = proj.label_version(1), proj.label_version(1) - 1
+        assert class_areas([(a.class_idx, a.geometry.intersection(rest)) for a in proj.annotations(1, now)]) == \
+            pytest.approx(class_areas([(a.class_idx, a.geometry.intersection(rest)) for a in proj.annotations(1, then)]))
+        # … inside it the label is the model's prediction
+        got = proj.label_mask(patch)
+        want = proj.predictions.classes(model_id, pid)
+        up = np.kron(want, np.ones((got.shape[0] // want.shape[0],) * 2, dtype=np.uint8))
+        inside = rasterize([(1, region.buffer(-2))], (patch.x, patch.y), patch.downsample,
+                           (patch.patch, patch.patch)).astype(bool)
+        assert inside.sum() > 100 and (got[inside] == up[inside]).mean() > 0.95

@@ -55,7 +55,7 @@ class TestTileSource:
         own.correct(1, box(10, 10, 200, 200), 1, author="test")
         after = src.label_tile(1, 4, 0, 0)
         assert before != after
-        assert (_rgba(after)[20:40, 20:40, 3] == 255).all()
+        assert (_rgba(after)[20:40, 20:40, 3] > 0).all()  # painted (outline or light fill)
         own.close()
 
     def test_unknown_ids_and_range(self, project: Project) -> None:
