@@ -17,15 +17,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--from", dest="from_model", metavar="MODEL",
                    help="continue from 'latest' or a model id (weights and optimizer state)")
     p.add_argument("--encoder", help="smp encoder (default resnet18 on CPU, resnet34 on CUDA)")
-    p.add_argument("--encoder-weights", choices=["imagenet"],
-                   help="start from pretrained encoder weights (downloads them once; default: none)")
+    p.add_argument("--encoder-weights", choices=["imagenet", "none"],
+                   help="imagenet: start from pretrained encoder weights (downloads them once); none: random init; "
+                        "default: imagenet when the weights are already cached on this machine, else none")
     p.add_argument("--encoder-depth", type=int, default=5, help="encoder stages used (3–5; fewer is faster)")
     p.add_argument("--decoder-channels", type=int, nargs="+", metavar="N",
                    help="decoder widths, one per encoder stage (default 256 128 64 32 16)")
     p.add_argument("--epochs", type=int, default=20, help="epochs at most (default 20; early stopping may end sooner)")
     p.add_argument("--batch-size", type=int, default=4, help="patches per step (default 4)")
-    p.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate (default 5e-5)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="Adam L2 penalty")
+    p.add_argument("--recipe", default="default", choices=["default", "paper"],
+                   help="default: CE+Dice, AdamW 1e-3 with warm-up + cosine, HED stain jitter, best val IoU; "
+                        "paper: NoCodeSeg's CE, Adam 5e-5 at a constant rate, best val loss")
+    p.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default: the recipe's)")
+    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (the schedule fits)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="labelled patches held out for validation")
     p.add_argument("--patience", type=int, default=5, help="early stop after this many epochs without improvement")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, augmentation and initialisation")
@@ -87,7 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     opts = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                         val_fraction=args.val_fraction, patience=args.patience, seed=args.seed,
                         max_steps=args.max_steps, augment=not args.no_augment, class_weights=args.class_weights,
-                        device=args.device, precision=args.precision)
+                        device=args.device, precision=args.precision, recipe=args.recipe,
+                        max_seconds=args.max_minutes * 60 if args.max_minutes else None)
 
     def progress(p: Progress) -> None:
         if p.event == "epoch":
