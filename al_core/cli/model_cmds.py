@@ -72,7 +72,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     split = p.add_mutually_exclusive_group()
     split.add_argument("--test-slides", nargs="+", metavar="SLIDE", help="slides of the test set")
     split.add_argument("--test-fraction", type=float, default=0.0, help="random share of slides for the test set")
-    p.add_argument("--seed", type=int, default=0, help="seed of --test-fraction's draw")
+    p.add_argument("--seed", type=int, default=0, help="seed of --test-fraction's draw and of the bootstrap")
+    p.add_argument("--objects", nargs="*", metavar="CLASS",
+                   help="also object-level metrics (AJI, F1 at IoU 0.5, object Dice/Hausdorff, bootstrap 95%% "
+                        "intervals) for these instance-like classes (none named: every non-background class)")
     add_json_arg(p)
     p.set_defaults(func=cmd_metrics)
 
@@ -166,6 +169,10 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     with open_project(args) as proj:
         res = proj.metrics(_model_ref(args.model), test_slides=args.test_slides,
                              test_fraction=args.test_fraction, seed=args.seed)
+        if args.objects is not None:
+            from al_core.learn.object_eval import object_metrics
+
+            res["objects"] = object_metrics(proj, _model_ref(args.model), args.objects or None, seed=args.seed)
     if args.json:
         emit_json(res)
         return 0
@@ -182,7 +189,22 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     cols = list(rows[0]) if rows else []
     print(f"model {res['model_id']}  (per patch → per slide → over slides; ignore pixels excluded)")
     print(format_table(rows, cols))
+    if "objects" in res:
+        print(_objects_table(res["objects"]))
     if res["stale_patches"]:
         print(f"note: {res['stale_patches']} patch(es) were relabelled since this prediction; "
               "run 'slideloop predict' for current figures", file=sys.stderr)
     return 0
+
+
+def _objects_table(objects: dict[str, Any]) -> str:
+    """One row per class and slide (then the class over slides): each metric as ``mean [low, high]``."""
+    rows = []
+    for name, agg in objects["classes"].items():
+        for slide, v in [*agg["slides"].items(), ("(over slides)", agg["overall"])]:
+            rows.append({"class": name, "slide": slide, "patches": v["patches"],
+                         **{m: f"{v[m]['mean']:.3f} [{v[m]['low']:.3f}, {v[m]['high']:.3f}]"
+                            for m in objects["metrics"]}})
+    cols = ["class", "slide", "patches", *objects["metrics"]]
+    return ("object metrics (per patch → per slide → over slides; 95% bootstrap intervals):\n"
+            + (format_table(rows, cols) if rows else "no objects of the asked classes in the labelled patches"))
