@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="patches per forward pass (default 8)")
     p.add_argument("--factor", type=int, default=4, help="store probability maps reduced by this factor")
     p.add_argument("--tta", action="store_true", help="also score flip test-time-augmentation disagreement")
+    p.add_argument("--mc-dropout", type=int, default=0, metavar="N",
+                   help="also score MC-dropout uncertainty from N dropout passes of the head (e.g. 8; default off)")
     _add_device_args(p)
     add_json_arg(p)
     p.set_defaults(func=cmd_predict)
@@ -54,7 +56,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("rank", help="the review queue: worst-IoU labelled or most uncertain unlabelled patches")
     add_project_arg(p)
     p.add_argument("--model", default="latest", help="model id or 'latest' (default)")
-    p.add_argument("--by", default=None, choices=["iou", "entropy", "disagreement", "random"],
+    p.add_argument("--by", default=None, choices=["iou", "entropy", "disagreement", "mcdropout", "random"],
                    help="iou (labelled patches, default) or uncertainty/random (unlabelled patches)")
     p.add_argument("--unlabelled", action="store_true", help="rank unlabelled patches (by entropy unless --by)")
     size = p.add_mutually_exclusive_group()
@@ -126,6 +128,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``slideloop predict``: predict every patch with a model version and store its probabilities and scores."""
     with open_project(args) as proj:
         res = proj.predict(_model_ref(args.model), batch_size=args.batch_size, factor=args.factor, tta=args.tta,
+                      mc_samples=args.mc_dropout,
                       device=args.device, precision=args.precision)
     if args.json:
         emit_json(res.to_dict())
@@ -144,7 +147,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
                              per_slide=args.per_slide, seed=args.seed)
     model_id = int(queue.attrs["model_id"])
     cols = ["rank", "patch_id", "slide", "col", "row", "x", "y", "size", "labelled", "iou", "dice", "entropy",
-            "disagreement"]
+            "disagreement", "mcdropout"]
     queue = queue[cols]
     if args.csv:
         from al_core._io import atomic_write_bytes

@@ -184,6 +184,8 @@ class PatchScoreRow(Base):
     dice: Mapped[float | None] = mapped_column(Float, nullable=True)
     entropy: Mapped[float | None] = mapped_column(Float, nullable=True)
     disagreement: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: MC-dropout mutual information (predicted with ``mc_samples``)
+    mcdropout: Mapped[float | None] = mapped_column(Float, nullable=True)
     label_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     prediction: Mapped[str | None] = mapped_column(Text, nullable=True)
     #: label-vs-prediction pixel confusion (JSON C×C, model channels) for labelled patches, so metrics are a query
