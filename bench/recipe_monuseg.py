@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from al_eval_monuseg import DATA, INSTANTDL_MEDIAN_JACCARD, SHARED_DATA, label_patch, load_set, test_scores
+from _monuseg import DATA, INSTANTDL_MEDIAN_JACCARD, SHARED_DATA, label_patch, load_set, test_scores
 
 from al_core.learn.train import TrainOptions, train
 from al_core.project.project import Project
