@@ -78,8 +78,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--objects", nargs="*", metavar="CLASS",
                    help="also object-level metrics (AJI, F1 at IoU 0.5, object Dice/Hausdorff, bootstrap 95%% "
                         "intervals) for these instance-like classes (none named: every non-background class)")
+    p.add_argument("--by-tag", metavar="KEY", help="also the figures grouped by this slide tag (see 'slideloop tag')")
     add_json_arg(p)
     p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("tag", help="set slide tags (stain, diagnosis…) as KEY=VALUE; empty VALUE removes a tag")
+    add_project_arg(p)
+    p.add_argument("slide", help="slide name")
+    p.add_argument("tags", nargs="*", metavar="KEY=VALUE")
+    add_json_arg(p)
+    p.set_defaults(func=cmd_tag)
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -176,6 +184,11 @@ def cmd_metrics(args: argparse.Namespace) -> int:
             from al_core.learn.object_eval import object_metrics
 
             res["objects"] = object_metrics(proj, _model_ref(args.model), args.objects or None, seed=args.seed)
+        if args.by_tag:
+            from al_core.project.tags import group_by_tag, slide_tags
+
+            res["by_tag"] = {"key": args.by_tag, "groups": group_by_tag(res["all"]["slides"], slide_tags(proj),
+                                                                         args.by_tag)}
     if args.json:
         emit_json(res)
         return 0
@@ -194,6 +207,12 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     print(format_table(rows, cols))
     if "objects" in res:
         print(_objects_table(res["objects"]))
+    if "by_tag" in res:
+        tag_rows = [{args.by_tag: v, "slides": len(g["slides"]), "pixel_acc": g["pixel_accuracy"],
+                     "macro_iou": g["macro_iou"], "macro_dice": g["macro_dice"]}
+                    for v, g in res["by_tag"]["groups"].items()]
+        print(f"by tag {args.by_tag!r} (mean over each group's slides):")
+        print(format_table(tag_rows, list(tag_rows[0])))
     if res["stale_patches"]:
         print(f"note: {res['stale_patches']} patch(es) were relabelled since this prediction; "
               "run 'slideloop predict' for current figures", file=sys.stderr)
@@ -211,3 +230,17 @@ def _objects_table(objects: dict[str, Any]) -> str:
     cols = ["class", "slide", "patches", *objects["metrics"]]
     return ("object metrics (per patch → per slide → over slides; 95% bootstrap intervals):\n"
             + (format_table(rows, cols) if rows else "no objects of the asked classes in the labelled patches"))
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    """``slideloop tag``: merge KEY=VALUE tags into a slide's tags and print them."""
+    from al_core.project.tags import parse_tags, set_tags
+
+    tags = parse_tags(args.tags)
+    with open_project(args) as proj:
+        now = set_tags(proj, args.slide, tags)
+    if args.json:
+        emit_json({"slide": args.slide, "tags": now})
+    else:
+        print(f"{args.slide}: " + (", ".join(f"{k}={v}" for k, v in now.items()) or "no tags"))
+    return 0

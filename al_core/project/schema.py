@@ -71,6 +71,8 @@ class SlideRow(Base):
     tissue_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     tissue_downsample: Mapped[float | None] = mapped_column(Float, nullable=True)
     tissue_fraction: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: free-form slide tags (stain, diagnosis, scanner…) as a JSON object of strings
+    tags: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class GridRow(Base):

@@ -36,8 +36,9 @@ def _v1_to_v2(conn: Connection) -> None:
 
 
 def _v2_to_v3(conn: Connection) -> None:
-    """Patch scores gain the MC-dropout uncertainty."""
+    """Patch scores gain the MC-dropout uncertainty; slides gain tags."""
     conn.execute(text("ALTER TABLE patch_scores ADD COLUMN mcdropout FLOAT"))
+    conn.execute(text("ALTER TABLE slides ADD COLUMN tags TEXT"))
 
 
 MIGRATIONS: dict[int, Migration] = {1: _v1_to_v2, 2: _v2_to_v3}

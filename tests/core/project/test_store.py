@@ -102,6 +102,7 @@ def _downgrade_to_v1(db) -> None:
         DROP TABLE jobs;
         ALTER TABLE jobs_v1 RENAME TO jobs;
         ALTER TABLE patch_scores DROP COLUMN mcdropout;
+        ALTER TABLE slides DROP COLUMN tags;
         UPDATE meta SET value='1' WHERE key='schema_version';
         COMMIT;
     """)
