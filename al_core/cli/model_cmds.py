@@ -17,15 +17,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--from", dest="from_model", metavar="MODEL",
                    help="continue from 'latest' or a model id (weights and optimizer state)")
     p.add_argument("--encoder", help="smp encoder (default resnet18 on CPU, resnet34 on CUDA)")
-    p.add_argument("--encoder-weights", choices=["imagenet"],
-                   help="start from pretrained encoder weights (downloads them once; default: none)")
+    p.add_argument("--encoder-weights", choices=["imagenet", "none"],
+                   help="imagenet: start from pretrained encoder weights (downloads them once); none: random init; "
+                        "default: imagenet when the weights are already cached on this machine, else none")
     p.add_argument("--encoder-depth", type=int, default=5, help="encoder stages used (3–5; fewer is faster)")
     p.add_argument("--decoder-channels", type=int, nargs="+", metavar="N",
                    help="decoder widths, one per encoder stage (default 256 128 64 32 16)")
     p.add_argument("--epochs", type=int, default=20, help="epochs at most (default 20; early stopping may end sooner)")
     p.add_argument("--batch-size", type=int, default=4, help="patches per step (default 4)")
-    p.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate (default 5e-5)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="Adam L2 penalty")
+    p.add_argument("--recipe", default="default", choices=["default", "paper"],
+                   help="default: CE+Dice, AdamW 1e-3 with warm-up + cosine, HED stain jitter, best val IoU; "
+                        "paper: NoCodeSeg's CE, Adam 5e-5 at a constant rate, best val loss")
+    p.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default: the recipe's)")
+    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes (the schedule fits)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="labelled patches held out for validation")
     p.add_argument("--patience", type=int, default=5, help="early stop after this many epochs without improvement")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, augmentation and initialisation")
@@ -42,6 +47,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="patches per forward pass (default 8)")
     p.add_argument("--factor", type=int, default=4, help="store probability maps reduced by this factor")
     p.add_argument("--tta", action="store_true", help="also score flip test-time-augmentation disagreement")
+    p.add_argument("--mc-dropout", type=int, default=0, metavar="N",
+                   help="also score MC-dropout uncertainty from N dropout passes of the head (e.g. 8; default off)")
     _add_device_args(p)
     add_json_arg(p)
     p.set_defaults(func=cmd_predict)
@@ -49,7 +56,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("rank", help="the review queue: worst-IoU labelled or most uncertain unlabelled patches")
     add_project_arg(p)
     p.add_argument("--model", default="latest", help="model id or 'latest' (default)")
-    p.add_argument("--by", default=None, choices=["iou", "entropy", "disagreement", "random"],
+    p.add_argument("--by", default=None, choices=["iou", "entropy", "disagreement", "mcdropout", "random"],
                    help="iou (labelled patches, default) or uncertainty/random (unlabelled patches)")
     p.add_argument("--unlabelled", action="store_true", help="rank unlabelled patches (by entropy unless --by)")
     size = p.add_mutually_exclusive_group()
@@ -67,9 +74,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     split = p.add_mutually_exclusive_group()
     split.add_argument("--test-slides", nargs="+", metavar="SLIDE", help="slides of the test set")
     split.add_argument("--test-fraction", type=float, default=0.0, help="random share of slides for the test set")
-    p.add_argument("--seed", type=int, default=0, help="seed of --test-fraction's draw")
+    p.add_argument("--seed", type=int, default=0, help="seed of --test-fraction's draw and of the bootstrap")
+    p.add_argument("--objects", nargs="*", metavar="CLASS",
+                   help="also object-level metrics (AJI, F1 at IoU 0.5, object Dice/Hausdorff, bootstrap 95%% "
+                        "intervals) for these instance-like classes (none named: every non-background class)")
+    p.add_argument("--by-tag", metavar="KEY", help="also the figures grouped by this slide tag (see 'slideloop tag')")
     add_json_arg(p)
     p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("tag", help="set slide tags (stain, diagnosis…) as KEY=VALUE; empty VALUE removes a tag")
+    add_project_arg(p)
+    p.add_argument("slide", help="slide name")
+    p.add_argument("tags", nargs="*", metavar="KEY=VALUE")
+    add_json_arg(p)
+    p.set_defaults(func=cmd_tag)
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -87,7 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     opts = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                         val_fraction=args.val_fraction, patience=args.patience, seed=args.seed,
                         max_steps=args.max_steps, augment=not args.no_augment, class_weights=args.class_weights,
-                        device=args.device, precision=args.precision)
+                        device=args.device, precision=args.precision, recipe=args.recipe,
+                        max_seconds=args.max_minutes * 60 if args.max_minutes else None)
 
     def progress(p: Progress) -> None:
         if p.event == "epoch":
@@ -117,6 +136,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``slideloop predict``: predict every patch with a model version and store its probabilities and scores."""
     with open_project(args) as proj:
         res = proj.predict(_model_ref(args.model), batch_size=args.batch_size, factor=args.factor, tta=args.tta,
+                      mc_samples=args.mc_dropout,
                       device=args.device, precision=args.precision)
     if args.json:
         emit_json(res.to_dict())
@@ -135,7 +155,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
                              per_slide=args.per_slide, seed=args.seed)
     model_id = int(queue.attrs["model_id"])
     cols = ["rank", "patch_id", "slide", "col", "row", "x", "y", "size", "labelled", "iou", "dice", "entropy",
-            "disagreement"]
+            "disagreement", "mcdropout"]
     queue = queue[cols]
     if args.csv:
         from al_core._io import atomic_write_bytes
@@ -160,6 +180,15 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     with open_project(args) as proj:
         res = proj.metrics(_model_ref(args.model), test_slides=args.test_slides,
                              test_fraction=args.test_fraction, seed=args.seed)
+        if args.objects is not None:
+            from al_core.learn.object_eval import object_metrics
+
+            res["objects"] = object_metrics(proj, _model_ref(args.model), args.objects or None, seed=args.seed)
+        if args.by_tag:
+            from al_core.project.tags import group_by_tag, slide_tags
+
+            res["by_tag"] = {"key": args.by_tag, "groups": group_by_tag(res["all"]["slides"], slide_tags(proj),
+                                                                         args.by_tag)}
     if args.json:
         emit_json(res)
         return 0
@@ -176,7 +205,42 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     cols = list(rows[0]) if rows else []
     print(f"model {res['model_id']}  (per patch → per slide → over slides; ignore pixels excluded)")
     print(format_table(rows, cols))
+    if "objects" in res:
+        print(_objects_table(res["objects"]))
+    if "by_tag" in res:
+        tag_rows = [{args.by_tag: v, "slides": len(g["slides"]), "pixel_acc": g["pixel_accuracy"],
+                     "macro_iou": g["macro_iou"], "macro_dice": g["macro_dice"]}
+                    for v, g in res["by_tag"]["groups"].items()]
+        print(f"by tag {args.by_tag!r} (mean over each group's slides):")
+        print(format_table(tag_rows, list(tag_rows[0])))
     if res["stale_patches"]:
         print(f"note: {res['stale_patches']} patch(es) were relabelled since this prediction; "
               "run 'slideloop predict' for current figures", file=sys.stderr)
+    return 0
+
+
+def _objects_table(objects: dict[str, Any]) -> str:
+    """One row per class and slide (then the class over slides): each metric as ``mean [low, high]``."""
+    rows = []
+    for name, agg in objects["classes"].items():
+        for slide, v in [*agg["slides"].items(), ("(over slides)", agg["overall"])]:
+            rows.append({"class": name, "slide": slide, "patches": v["patches"],
+                         **{m: f"{v[m]['mean']:.3f} [{v[m]['low']:.3f}, {v[m]['high']:.3f}]"
+                            for m in objects["metrics"]}})
+    cols = ["class", "slide", "patches", *objects["metrics"]]
+    return ("object metrics (per patch → per slide → over slides; 95% bootstrap intervals):\n"
+            + (format_table(rows, cols) if rows else "no objects of the asked classes in the labelled patches"))
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    """``slideloop tag``: merge KEY=VALUE tags into a slide's tags and print them."""
+    from al_core.project.tags import parse_tags, set_tags
+
+    tags = parse_tags(args.tags)
+    with open_project(args) as proj:
+        now = set_tags(proj, args.slide, tags)
+    if args.json:
+        emit_json({"slide": args.slide, "tags": now})
+    else:
+        print(f"{args.slide}: " + (", ".join(f"{k}={v}" for k, v in now.items()) or "no tags"))
     return 0

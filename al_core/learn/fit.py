@@ -47,7 +47,9 @@ EpochFn = Callable[[dict[str, Any], bool], None]
 
 @dataclass(frozen=True)
 class FitSettings:
-    """How long and how: ``max_steps`` caps optimizer steps over the whole run; ``amp`` is the autocast dtype."""
+    """How long and how: ``max_steps`` caps optimizer steps over the whole run, ``max_seconds`` its wall time;
+    ``amp`` is the autocast dtype; ``monitor`` (``loss`` or ``iou``) is the validation figure that picks the best
+    epoch and drives early stopping."""
 
     epochs: int
     batch_size: int
@@ -56,6 +58,8 @@ class FitSettings:
     amp: torch.dtype | None = None
     max_steps: int | None = None
     seed: int | None = 0
+    max_seconds: float | None = None
+    monitor: str = "loss"
 
 
 @dataclass
@@ -84,8 +88,10 @@ class _Run:
     is_cancelled: Callable[[], bool]
     scaler: torch.amp.GradScaler
     batch_size: int
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     steps: int = 0
     notes: list[str] = field(default_factory=list)
+    t0: float = field(default_factory=time.perf_counter)
 
     def autocast(self) -> torch.autocast:
         amp = self.settings.amp
@@ -96,7 +102,9 @@ class _Run:
         self.report(Progress("note", message=msg))
 
     def step_cap_reached(self) -> bool:
-        return self.settings.max_steps is not None and self.steps >= self.settings.max_steps
+        s = self.settings
+        return ((s.max_steps is not None and self.steps >= s.max_steps)
+                or (s.max_seconds is not None and time.perf_counter() - self.t0 >= s.max_seconds))
 
 
 def cancel_check(cancel: Cancel | None) -> Callable[[], bool]:
@@ -110,11 +118,13 @@ def cancel_check(cancel: Cancel | None) -> Callable[[], bool]:
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion: torch.nn.Module,
         train_ds: PatchDataset, val_ds: PatchDataset, config: ModelConfig, settings: FitSettings, *,
-        on_epoch: EpochFn, report: ProgressFn, cancel: Cancel | None = None) -> FitOutcome:
+        on_epoch: EpochFn, report: ProgressFn, cancel: Cancel | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> FitOutcome:
     """Train ``model`` for up to ``settings.epochs`` epochs; early stop after ``patience`` epochs without a
-    better validation loss (the training loss when there is no validation set)."""
+    better validation figure (``settings.monitor``; the training loss when there is no validation set).
+    ``scheduler`` is stepped after every optimizer step."""
     run = _Run(model, optimizer, criterion, config, settings, report, cancel_check(cancel),
-               torch.amp.GradScaler("cuda", enabled=settings.amp is torch.float16), settings.batch_size)
+               torch.amp.GradScaler("cuda", enabled=settings.amp is torch.float16), settings.batch_size, scheduler)
     gen = torch.Generator().manual_seed(settings.seed if settings.seed is not None else int(time.time()))
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
@@ -126,7 +136,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion: tor
             train_loss = float(np.mean(losses)) if losses else math.nan
             val = evaluate(model, val_ds, config, criterion, settings.device, run.autocast, run.batch_size) \
                 if len(val_ds) else {}
-            monitor = val.get("loss", train_loss)
+            monitor = _monitor(val, train_loss, settings.monitor)
             entry = {"epoch": epoch, "steps": run.steps, "train_loss": train_loss,
                      **{f"val_{k}": v for k, v in val.items()}, "seconds": round(time.perf_counter() - te, 3)}
             improved = monitor < best_loss - 1e-7
@@ -149,6 +159,13 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion: tor
     if run.batch_size != settings.batch_size:
         run.notes.append(f"batch size reduced to {run.batch_size} after out-of-memory errors")
     return FitOutcome(status, history, best, run.batch_size, run.notes)
+
+
+def _monitor(val: dict[str, Any], train_loss: float, what: str) -> float:
+    """The figure to minimise: validation loss, or minus validation macro IoU (loss when IoU is undefined)."""
+    if what == "iou" and not math.isnan(val.get("macro_iou", math.nan)):
+        return -float(val["macro_iou"])
+    return float(val.get("loss", train_loss))
 
 
 def _epoch_with_retry(run: _Run, ds: PatchDataset, gen: torch.Generator, epoch: int) -> list[float]:
@@ -186,6 +203,8 @@ def _epoch(run: _Run, ds: PatchDataset, gen: torch.Generator, epoch: int) -> lis
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)
         run.scaler.update()
+        if run.scheduler is not None:
+            run.scheduler.step()
         losses.append(float(loss.detach()))
         run.steps += 1
         run.report(Progress("step", epoch, i + 1, len(loader), losses[-1]))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from al_core.learn.checkpoint import load_model
 from al_core.learn.dataset import AnnotationsOf, label_masks, open_cache
 from al_core.learn.device import autocast_dtype, pick_device, precision_name
 from al_core.learn.fit import Cancel, cancel_check
+from al_core.learn.mc_dropout import head_input, mc_dropout_scores
 from al_core.learn.metrics import confusion, patch_dice, patch_iou
 from al_core.learn.model import ModelConfig, check_classes, preprocess
 from al_core.learn.predictions import predictions_dir
@@ -60,15 +62,18 @@ class _Scoring:
 
 
 def predict(project: Project, model: ModelRef = "latest", *, batch_size: int = 8, factor: int = 4,
-            tta: bool = False, device: str = "auto", precision: str = "auto",
+            tta: bool = False, mc_samples: int = 0, device: str = "auto", precision: str = "auto",
             progress: Callable[[int, int], None] | None = None, cancel: Cancel | None = None) -> PredictResult:
     """Predict all patches of the current grid with ``model`` and store probabilities and scores.
 
     ``factor`` reduces the stored probability maps (4: a 256² patch keeps 64² maps). ``tta`` adds the
-    disagreement of flipped predictions (4 passes instead of 1). A cancelled run stores nothing.
+    disagreement of flipped predictions (4 passes instead of 1); ``mc_samples`` (>= 2) adds the MC-dropout
+    mutual information of that many dropout passes of the head (:mod:`.mc_dropout`). A cancelled run stores nothing.
     """
     if batch_size < 1 or factor < 1:
         raise ValueError("batch size and factor must be at least 1")
+    if mc_samples == 1 or mc_samples < 0:
+        raise ValueError(f"MC dropout needs at least 2 samples (0: off), got {mc_samples}")
     t0 = time.perf_counter()
     row = project.models.resolve(model)
     net, config = _load(project, row)
@@ -95,12 +100,15 @@ def predict(project: Project, model: ModelRef = "latest", *, batch_size: int = 8
             chunk = patches[start:start + batch_size]
             x = torch.from_numpy(cache.get([p.id for p in chunk])).to(dev).permute(0, 3, 1, 2)
             x = preprocess(x, config).contiguous(memory_format=torch.channels_last)
-            probs = _forward(net, x, dev.type, amp)  # (B, H, W, C)
+            with head_input(net) if mc_samples else _no_hook() as feats:
+                probs = _forward(net, x, dev.type, amp)  # (B, H, W, C)
+            mc = mc_dropout_scores(net, feats[0], mc_samples, seed=start, autocast=lambda: torch.autocast(
+                dev.type, dtype=amp or torch.float32, enabled=amp is not None)) if mc_samples else None
             dis = _tta_disagreement(net, x, probs.argmax(-1), dev.type, amp) if tta else None
             nchw = probs.permute(0, 3, 1, 2)
             small = F.avg_pool2d(nchw, factor) if factor > 1 else nchw
             probs_out[start:start + len(chunk)] = small.to(torch.float16).cpu().numpy()
-            score_rows += _score_batch(probs, dis, chunk, start, scoring)
+            score_rows += _score_batch(probs, dis, chunk, start, scoring, mc)
             if progress is not None:
                 progress(min(start + batch_size, len(patches)), len(patches))
         probs_out.flush()
@@ -114,6 +122,11 @@ def predict(project: Project, model: ModelRef = "latest", *, batch_size: int = 8
         s.execute(insert(PatchScoreRow), score_rows)
     return PredictResult(row.id, len(patches), sum(1 for r in score_rows if r["labelled"]),
                          round(time.perf_counter() - t0, 3), out_dir, str(dev), precision_name(amp))
+
+
+@contextmanager
+def _no_hook() -> Iterator[list[torch.Tensor]]:
+    yield []
 
 
 def _load(project: Project, row: ModelRow) -> tuple[torch.nn.Module, ModelConfig]:
@@ -135,7 +148,7 @@ def _check_patch_size(patches: list[PatchRow], config: ModelConfig, factor: int,
 
 
 def _score_batch(probs: torch.Tensor, dis: torch.Tensor | None, chunk: list[PatchRow], start: int,
-                 sc: _Scoring) -> list[dict[str, Any]]:
+                 sc: _Scoring, mc: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """Score rows of one batch: entropy (all), IoU/Dice/confusion against the label (labelled patches)."""
     C = sc.config.num_classes
     ent = (-(probs * torch.log(probs.clamp_min(1e-8))).sum(-1) / np.log(C)).mean((1, 2))
@@ -152,6 +165,7 @@ def _score_batch(probs: torch.Tensor, dis: torch.Tensor | None, chunk: list[Patc
             "model_id": sc.model_id, "patch_id": p.id, "labelled": cm is not None,
             "iou": patch_iou(cm) if cm is not None else None, "dice": patch_dice(cm) if cm is not None else None,
             "entropy": float(ent[i]), "disagreement": float(dis[i]) if dis is not None else None,
+            "mcdropout": float(mc[i]) if mc is not None else None,
             "label_version": sc.versions.get(p.slide_id), "prediction": f"{start + i}",
             "confusion": json.dumps(cm.tolist()) if cm is not None else None,
             "fractions": json.dumps([round(float(v), 5) for v in frac[i]]),

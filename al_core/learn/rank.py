@@ -2,7 +2,7 @@
 
 Labelled patches are ranked by *lowest* IoU between prediction and current label (the NoCodeSeg refinement:
 review the ~5 % worst); unlabelled patches by uncertainty (mean predictive entropy, or TTA disagreement when
-predicted with ``--tta``). A :class:`Ranker` orders a scores frame; :func:`review_queue` selects a fraction or
+predicted with ``--tta``, or MC-dropout mutual information when predicted with ``--mc-dropout``). A :class:`Ranker` orders a scores frame; :func:`review_queue` selects a fraction or
 a count of it, over the project or per slide.
 """
 
@@ -23,7 +23,10 @@ if TYPE_CHECKING:
     from al_core.project.project import Project
 
 COLUMNS = ["patch_id", "slide", "col", "row", "x", "y", "size", "labelled", "iou", "dice", "entropy",
-           "disagreement", "label_version"]
+           "disagreement", "label_version", "mcdropout"]
+#: uncertainty scores stored per patch, and how to get them when they are missing
+UNCERTAINTIES = {"entropy": "", "disagreement": "predict with test-time augmentation first (--tta)",
+                 "mcdropout": "predict with MC dropout first (--mc-dropout N)"}
 
 
 class Ranker(Protocol):
@@ -50,23 +53,23 @@ class IoURanker:
 
 
 class UncertaintyRanker:
-    """Unlabelled patches, most uncertain first: ``by`` is ``entropy`` or ``disagreement`` (TTA)."""
+    """Unlabelled patches, most uncertain first: ``by`` is ``entropy``, ``disagreement`` (TTA) or ``mcdropout``."""
 
     labelled = False
 
     def __init__(self, by: str = "entropy") -> None:
-        if by not in ("entropy", "disagreement"):
-            raise ValueError(f"uncertainty is 'entropy' or 'disagreement', got {by!r}")
+        if by not in UNCERTAINTIES:
+            raise ValueError(f"uncertainty is one of {', '.join(UNCERTAINTIES)}, got {by!r}")
         self.by = by
         self.name = by
 
     def __call__(self, scores: pd.DataFrame) -> pd.DataFrame:
         """The unlabelled patches, highest ``by`` first.
 
-        Raises ``ProjectError`` when ranking by disagreement and the model has none stored (no TTA)."""
+        Raises ``ProjectError`` when the model has none of that score stored (not predicted with TTA/MC dropout)."""
         df = scores[~scores["labelled"]]
-        if self.by == "disagreement" and df["disagreement"].isna().all() and len(df):
-            raise ProjectError("no TTA disagreement stored for this model: predict with test-time augmentation first")
+        if self.by != "entropy" and df[self.by].isna().all() and len(df):
+            raise ProjectError(f"no {self.by} scores stored for this model: {UNCERTAINTIES[self.by]}")
         return df.sort_values([self.by, "patch_id"], ascending=[False, True], kind="stable")
 
 
@@ -86,14 +89,15 @@ class RandomRanker:
 
 
 def make_ranker(by: str, *, seed: int = 0, labelled: bool | None = None) -> Ranker:
-    """``iou``, ``entropy``, ``disagreement`` or ``random`` (random ranks unlabelled patches unless told)."""
+    """``iou``, ``entropy``, ``disagreement``, ``mcdropout`` or ``random`` (random ranks unlabelled patches
+    unless told)."""
     if by == "iou":
         return IoURanker()
-    if by in ("entropy", "disagreement"):
+    if by in UNCERTAINTIES:
         return UncertaintyRanker(by)
     if by == "random":
         return RandomRanker(seed, bool(labelled))
-    raise ValueError(f"unknown ranking {by!r} (iou, entropy, disagreement, random)")
+    raise ValueError(f"unknown ranking {by!r} (iou, entropy, disagreement, mcdropout, random)")
 
 
 def scores_frame(project: Project, model: ModelRef = "latest") -> pd.DataFrame:
@@ -102,7 +106,8 @@ def scores_frame(project: Project, model: ModelRef = "latest") -> pd.DataFrame:
     gid = project.grid_id()
     q = (select(PatchScoreRow.patch_id, SlideRow.name, PatchRow.col, PatchRow.row, PatchRow.x, PatchRow.y,
                 PatchRow.size, PatchScoreRow.labelled, PatchScoreRow.iou, PatchScoreRow.dice,
-                PatchScoreRow.entropy, PatchScoreRow.disagreement, PatchScoreRow.label_version)
+                PatchScoreRow.entropy, PatchScoreRow.disagreement, PatchScoreRow.label_version,
+                PatchScoreRow.mcdropout)
          .join(PatchRow, PatchRow.id == PatchScoreRow.patch_id)
          .join(SlideRow, SlideRow.id == PatchRow.slide_id)
          .where(PatchScoreRow.model_id == row.id, PatchRow.grid_id == gid)

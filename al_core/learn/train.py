@@ -1,8 +1,8 @@
 """Train a U-Net on a project's labelled patches and store it as a model version.
 
 Wiring over pure pieces: the data (:mod:`.dataset`), the model (:mod:`.model`, :mod:`.checkpoint`), the loop
-(:mod:`.fit`). Adam (lr 5e-5, L2 1e-4: the seed paper's settings), a patch-level validation split, early
-stopping on the validation loss, the best checkpoint written atomically after every improvement. Every run is
+(:mod:`.fit`), and the recipe (:mod:`.recipe`: loss, optimizer, schedule, augmentation; ``default`` or the
+seed paper's ``paper``). A patch-level validation split, early stopping on the recipe's validation figure, the best checkpoint written atomically after every improvement. Every run is
 a row in the ``models`` table (parent, config, label versions, hyper-parameters, per-epoch history, metrics,
 wall time, status), so an interrupted or cancelled run leaves the earlier models and its own best epoch intact.
 """
@@ -23,13 +23,27 @@ import numpy.typing as npt
 import torch
 
 from al_core.errors import NoGridError, TrainingError
-from al_core.learn.augment import PaperAugment
 from al_core.learn.checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 from al_core.learn.dataset import PatchDataset, label_masks, open_cache
 from al_core.learn.device import autocast_dtype, pick_device, precision_name
 from al_core.learn.fit import Cancel, FitSettings, Progress, ProgressFn, fit
 from al_core.learn.losses import median_frequency_weights
-from al_core.learn.model import ModelConfig, build_model, check_classes, config_for
+from al_core.learn.model import (
+    CPU_DEFAULT_ENCODER,
+    GPU_DEFAULT_ENCODER,
+    ModelConfig,
+    build_model,
+    check_classes,
+    config_for,
+)
+from al_core.learn.recipe import (
+    RecipeAugment,
+    cached_encoder_weights,
+    get_recipe,
+    make_criterion,
+    make_optimizer,
+    make_scheduler,
+)
 from al_core.project.models import ModelRef
 from al_core.project.schema import ModelRow
 
@@ -44,12 +58,14 @@ __all__ = ["Cancel", "Progress", "ProgressFn", "TrainOptions", "TrainResult", "s
 @dataclass(frozen=True)
 class TrainOptions:
     """Training settings. ``max_steps`` caps optimizer steps over the whole run (quick rounds, tests);
-    ``precision``: ``auto`` (bf16 where native, fp16/bf16 on CUDA), ``fp32``, ``bf16`` or ``fp16`` (CUDA)."""
+    ``precision``: ``auto`` (bf16 where native, fp16/bf16 on CUDA), ``fp32``, ``bf16`` or ``fp16`` (CUDA);
+    ``recipe`` names a :mod:`~al_core.learn.recipe` (``lr``/``weight_decay`` ``None``: the recipe's);
+    ``max_seconds`` caps the training wall time (the schedule decays within it)."""
 
     epochs: int = 20
     batch_size: int = 4
-    lr: float = 5e-5
-    weight_decay: float = 1e-4
+    lr: float | None = None
+    weight_decay: float | None = None
     val_fraction: float = 0.2
     patience: int = 5
     seed: int | None = 0
@@ -58,14 +74,19 @@ class TrainOptions:
     class_weights: bool = False
     device: str = "auto"
     precision: str = "auto"
+    recipe: str = "default"
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError("epochs, batch size and patience must be at least 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.lr <= 0 or self.weight_decay < 0:
+        if (self.lr is not None and self.lr <= 0) or (self.weight_decay is not None and self.weight_decay < 0):
             raise ValueError("lr must be > 0 and weight_decay >= 0")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError("max_seconds must be > 0")
+        get_recipe(self.recipe)
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps must be at least 1")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -132,6 +153,11 @@ def train(project: Project, options: TrainOptions | None = None, *, from_model: 
         if progress is not None:
             progress(p)
 
+    recipe = get_recipe(opts.recipe)
+    if from_model is None and encoder_weights is None and recipe.pretrained_if_cached:
+        encoder_weights = cached_encoder_weights(encoder or (GPU_DEFAULT_ENCODER if torch.cuda.is_available()
+                                                             else CPU_DEFAULT_ENCODER))
+    encoder_weights = None if encoder_weights == "none" else encoder_weights
     parent, ckpt, config = _start(project, from_model, encoder, encoder_weights, encoder_depth, decoder_channels)
     data = _training_data(project, config)
     train_idx, val_idx = split_indices(len(data.ids), opts.val_fraction, opts.seed)
@@ -144,7 +170,7 @@ def train(project: Project, options: TrainOptions | None = None, *, from_model: 
                                             report)
     weight = (median_frequency_weights(data.masks[train_idx], config.num_classes, config.ignore_index).to(device)
               if opts.class_weights else None)
-    criterion = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=config.ignore_index)
+    criterion = make_criterion(recipe, config.ignore_index, weight)
     model_id = _open_row(project, parent, config, opts, data, train_idx, val_idx, device, amp)
     if on_model is not None:
         on_model(model_id)
@@ -162,10 +188,13 @@ def train(project: Project, options: TrainOptions | None = None, *, from_model: 
         _record_epoch(project, model_id, entry, improved, ckpt_file)
 
     train_ds, val_ds = _datasets(data, train_idx, val_idx, opts)
-    settings = FitSettings(opts.epochs, opts.batch_size, opts.patience, device, amp, opts.max_steps, opts.seed)
+    settings = FitSettings(opts.epochs, opts.batch_size, opts.patience, device, amp, opts.max_steps, opts.seed,
+                           opts.max_seconds, recipe.monitor)
+    total = opts.epochs * -(-len(train_ds) // opts.batch_size)
+    scheduler = make_scheduler(recipe, optimizer, min(total, opts.max_steps or total), opts.max_seconds)
     try:
         outcome = fit(model, optimizer, criterion, train_ds, val_ds, config, settings, on_epoch=on_epoch,
-                      report=report, cancel=cancel)
+                      report=report, cancel=cancel, scheduler=scheduler)
     except BaseException as err:
         _finish(project, model_id, "failed", t0, error=f"{type(err).__name__}: {err}")
         raise
@@ -223,7 +252,7 @@ def _training_data(project: Project, config: ModelConfig) -> _Data:
 
 def _datasets(data: _Data, train_idx: npt.NDArray[np.int64], val_idx: npt.NDArray[np.int64],
               opts: TrainOptions) -> tuple[PatchDataset, PatchDataset]:
-    aug = PaperAugment(seed=opts.seed) if opts.augment else None
+    aug = RecipeAugment(get_recipe(opts.recipe), seed=opts.seed) if opts.augment else None
     return (PatchDataset(data.images[train_idx], data.masks[train_idx], [data.ids[i] for i in train_idx], aug),
             PatchDataset(data.images[val_idx], data.masks[val_idx], [data.ids[i] for i in val_idx]))
 
@@ -237,14 +266,19 @@ def _model_and_optimizer(config: ModelConfig, ckpt: Checkpoint | None, source: s
         load_weights(model, ckpt, source, expected=config)
     # Module.to takes memory_format at run time; torch's type stubs do not list it
     model.to(device=device, memory_format=torch.channels_last)  # type: ignore[call-overload]
-    optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    recipe = get_recipe(opts.recipe)
+    optimizer = make_optimizer(recipe, model.parameters(), opts.lr, opts.weight_decay)
     if ckpt is not None and ckpt.optimizer is not None:
         try:
             optimizer.load_state_dict(ckpt.optimizer)
         except (ValueError, KeyError) as err:
             report(Progress("note", message=f"the parent's optimizer state was not reused ({err})"))
         for group in optimizer.param_groups:  # this run's settings win over the saved ones
-            group["lr"], group["weight_decay"] = opts.lr, opts.weight_decay
+            group["lr"] = recipe.lr if opts.lr is None else opts.lr
+            group["weight_decay"] = recipe.weight_decay if opts.weight_decay is None else opts.weight_decay
+            group["initial_lr"] = group["lr"]  # the schedule scales this run's rate, not the parent's
+            if "decoupled_weight_decay" in group:  # a parent saved by Adam would turn AdamW back into Adam
+                group["decoupled_weight_decay"] = recipe.optimizer == "adamw"
     return model, optimizer
 
 

@@ -71,6 +71,8 @@ class SlideRow(Base):
     tissue_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     tissue_downsample: Mapped[float | None] = mapped_column(Float, nullable=True)
     tissue_fraction: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: free-form slide tags (stain, diagnosis, scanner…) as a JSON object of strings
+    tags: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class GridRow(Base):
@@ -184,6 +186,8 @@ class PatchScoreRow(Base):
     dice: Mapped[float | None] = mapped_column(Float, nullable=True)
     entropy: Mapped[float | None] = mapped_column(Float, nullable=True)
     disagreement: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: MC-dropout mutual information (predicted with ``mc_samples``)
+    mcdropout: Mapped[float | None] = mapped_column(Float, nullable=True)
     label_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     prediction: Mapped[str | None] = mapped_column(Text, nullable=True)
     #: label-vs-prediction pixel confusion (JSON C×C, model channels) for labelled patches, so metrics are a query

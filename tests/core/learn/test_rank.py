@@ -90,3 +90,31 @@ def test_no_predictions_on_the_current_grid(trained, tmp_path):
         proj.build_grid(patch=64, overlap=0)  # a new grid: the stored scores belong to the old one
         with pytest.raises(NoModelError, match=f"model {mid} has no stored predictions on the current grid"):
             scores_frame(proj, mid)
+
+
+def test_mc_dropout_scores_rank_unlabelled_patches(trained, tmp_path):
+    import torch
+    from _engine import clone
+
+    from al_core.learn.mc_dropout import mutual_information
+    from al_core.learn.predict import predict
+
+    # hand-computed BALD: two samples (1, 0) and (0, 1) → mean (½, ½): H = ln 2, mean H = 0 → 1 after / ln 2
+    probs = torch.tensor([[[[[1.0]], [[0.0]]]], [[[[0.0]], [[1.0]]]]])  # (T=2, B=1, C=2, 1, 1)
+    assert float(mutual_information(probs)[0]) == pytest.approx(1.0, abs=1e-6)
+    assert float(mutual_information(torch.stack([probs[0], probs[0]]))[0]) == pytest.approx(0.0, abs=1e-6)
+    root, mid = trained
+    with clone(root, tmp_path / "p") as proj:
+        with pytest.raises(ProjectError, match="predict with MC dropout first"):
+            review_queue(proj, mid, by="mcdropout", count=3)
+        predict(proj, mid, batch_size=16, mc_samples=4)
+        first = scores_frame(proj, mid)
+        predict(proj, mid, batch_size=16, mc_samples=4)
+        again = scores_frame(proj, mid)
+        q = review_queue(proj, mid, by="mcdropout", fraction=1.0)
+        with pytest.raises(ValueError, match="at least 2 samples"):
+            predict(proj, mid, mc_samples=1)
+    assert first["mcdropout"].notna().all() and (first["mcdropout"] >= 0).all() and (first["mcdropout"] <= 1).all()
+    assert first["mcdropout"].tolist() == again["mcdropout"].tolist()  # seeded masks: the same ranking twice
+    assert first["mcdropout"].nunique() > 1
+    assert not q["labelled"].any() and q["mcdropout"].is_monotonic_decreasing
