@@ -34,8 +34,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--patch", type=int, default=512, help="patch size in output pixels (default 512)")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--downsample", type=float, help="read this many times down from level 0")
-    scale.add_argument("--target-mpp", type=float,
-                       help="µm per output pixel (default 1.0 = 40x read 4x down; 4x down without mpp)")
+    scale.add_argument("--mpp", "--target-mpp", dest="target_mpp", type=float,
+                       help="µm per output pixel (default 1.0 = 40x read 4x down); slides without µm/px "
+                            "(uncalibrated) need --downsample")
     p.add_argument("--overlap", type=int, help="overlap in output pixels (default: a quarter of the patch, 128 of 512)")
     p.add_argument("--min-tissue", type=float, default=0.25, help="drop patches under this tissue fraction")
     add_json_arg(p)
@@ -89,7 +90,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         for path in args.slides:
             row = proj.add_slide(path, mpp=args.mpp, name=args.name)
             added.append({"id": row.id, "name": row.name, "width": row.width, "height": row.height,
-                          "levels": row.levels, "mpp": row.mpp, "tissue_fraction": round(row.tissue_fraction or 0, 4)})
+                          "levels": row.levels, "mpp": row.mpp, "calibrated": row.mpp is not None, "tissue_fraction": round(row.tissue_fraction or 0, 4)})
     if args.json:
         emit_json(added)
     else:
@@ -103,6 +104,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
                     target_mpp=args.target_mpp, downsample=args.downsample)
     with open_project(args) as proj:
         grid_id = proj.build_grid(spec)
+        spec = proj.grid_spec() or spec
         status = proj.status()
     rows = [{"slide": s["name"], "patches": s["patches"], "tissue_fraction": s["tissue_fraction"]}
             for s in status["slides"]]
@@ -188,7 +190,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                       f"patch {g['patch']} px, overlap {g['overlap']}, min tissue {g['min_tissue']}, "
                       + (f"target {g['target_mpp']} µm/px" if g["target_mpp"] else
                          f"downsample {g['downsample']}" if g["downsample"] else "default scale")))
-    cols = ["name", "width", "height", "levels", "mpp", "tissue_fraction", "patches", "labelled", "unlabelled",
+    for s in st["slides"]:
+        s["scale"] = f"{s['mpp']:.4g} µm/px" if s["calibrated"] else "uncalibrated"
+    cols = ["name", "width", "height", "levels", "scale", "tissue_fraction", "patches", "labelled", "unlabelled",
             "label_version"]
     print(format_table(st["slides"], cols))
     missing = [s["name"] for s in st["slides"] if not s["file_present"]]

@@ -31,10 +31,12 @@ from al_core.learn.fit import Cancel, FitSettings, Progress, ProgressFn, fit
 from al_core.learn.losses import median_frequency_weights
 from al_core.learn.model import ModelConfig, build_model, check_classes, config_for
 from al_core.project.models import ModelRef
+from al_core.project.scale import ModelScale, config_scale, training_scale
 from al_core.project.schema import ModelRow
 
 if TYPE_CHECKING:
     from al_core.project.project import Project
+    from al_core.wsi.grid import GridSpec
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ class TrainResult:
     device: str
     precision: str
     notes: list[str]
+    #: the scale the model was trained at (:class:`~al_core.project.scale.ModelScale` as plain data)
+    scale: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (the checkpoint as a string)."""
@@ -150,7 +154,8 @@ def train(project: Project, options: TrainOptions | None = None, *, from_model: 
         on_model(model_id)
     ckpt_file = project.models.folder(model_id) / "model.pt"
     report(Progress("start", message=f"model {model_id}: {len(train_idx)} train / {len(val_idx)} val patches, "
-                                     f"{config.encoder} on {device} ({precision_name(amp)})"))
+                                     f"{config.encoder} on {device} ({precision_name(amp)}) at "
+                                     f"{_config_scale(config).describe()}"))
     saved: list[bool] = []
 
     def on_epoch(entry: dict[str, Any], improved: bool) -> None:
@@ -176,7 +181,7 @@ def train(project: Project, options: TrainOptions | None = None, *, from_model: 
     wall = _finish(project, model_id, outcome.status, t0)
     result = TrainResult(model_id, outcome.status, ckpt_file if saved else None, outcome.best.get("epoch"),
                          outcome.best, outcome.history, wall, str(device), precision_name(amp),
-                         notes + [n for n in outcome.notes if n not in notes])
+                         notes + [n for n in outcome.notes if n not in notes], _config_scale(config).to_dict())
     report(Progress("end", metrics=outcome.best, message=outcome.status))
     return result
 
@@ -188,9 +193,13 @@ def _start(project: Project, from_model: ModelRef, encoder: str | None, encoder_
     spec = project.grid_spec()
     if spec is None:
         raise NoGridError(f"{project.root}: no patch grid yet; cut one before training")
+    scale = _grid_scale(project, spec)
+    at_scale: dict[str, Any] = {"target_mpp": scale.mpp, "downsample": scale.downsample,
+                                "uncalibrated": not scale.calibrated}
     if from_model is None:
-        return None, None, config_for(project.classes(), spec, encoder=encoder, encoder_weights=encoder_weights,
-                                      encoder_depth=encoder_depth, decoder_channels=decoder_channels)
+        return None, None, replace(config_for(project.classes(), spec, encoder=encoder,
+                                              encoder_weights=encoder_weights, encoder_depth=encoder_depth,
+                                              decoder_channels=decoder_channels), **at_scale)
     parent = project.models.resolve(from_model)
     src = project.models.checkpoint(parent)
     ckpt = load_checkpoint(src)
@@ -199,9 +208,20 @@ def _start(project: Project, from_model: ModelRef, encoder: str | None, encoder_
         raise TrainingError(f"model {parent.id} uses encoder {ckpt.config.encoder!r}: continue it with that "
                             f"encoder, or train a new model with {encoder!r}")
     # fully convolutional: the weights carry over to a new grid's patch size
-    config = replace(ckpt.config, patch=spec.patch, target_mpp=spec.target_mpp, downsample=spec.downsample,
-                     grid=spec.to_dict(), encoder_weights=None)
+    config = replace(ckpt.config, patch=spec.patch, grid=spec.to_dict(), encoder_weights=None, **at_scale)
     return parent, ckpt, config
+
+
+def _config_scale(config: ModelConfig) -> ModelScale:
+    scale = config_scale(config.target_mpp, config.downsample, config.uncalibrated)
+    assert scale is not None  # _start always sets one
+    return scale
+
+
+def _grid_scale(project: Project, spec: GridSpec) -> ModelScale:
+    """The µm/px (or uncalibrated downsample) the current grid reads its slides at: the model's scale."""
+    downsamples = {p.slide_id: p.downsample for p in project.patches()}
+    return training_scale(spec, project.slides(), downsamples)
 
 
 def _training_data(project: Project, config: ModelConfig) -> _Data:

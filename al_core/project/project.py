@@ -8,6 +8,7 @@ the module that does the work; heavy modules (torch, ONNX Runtime) are imported 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from al_core.learn.predict import PredictResult
     from al_core.learn.predictions import PredictionStore
     from al_core.learn.train import TrainOptions, TrainResult
+
+log = logging.getLogger(__name__)
 
 DB_NAME = "project.db"
 #: environment variable with an SQLAlchemy URL that replaces the project's SQLite file (shared PostgreSQL)
@@ -132,6 +135,9 @@ class Project:
             if s.scalar(select(SlideRow.id).where(SlideRow.name == row.name)) is not None:
                 raise ProjectError(f"a slide named {row.name!r} is already in the project; give another name")
             s.add(row)
+        if row.mpp is None:
+            log.warning("warning: slide %s (%s) has no µm/px metadata: added as uncalibrated; its patch grid needs "
+                        "a downsample, or give its µm/px", row.name, p)
         return row
 
     def slides(self) -> list[SlideRow]:
@@ -162,8 +168,11 @@ class Project:
     # --- grid ---------------------------------------------------------------------------------------
     def build_grid(self, spec: GridSpec | None = None, **kwargs: Any) -> int:
         """Cut every slide into patches (``spec``, or :class:`GridSpec` fields as keywords) and store them as the
-        project's new grid; returns its id."""
-        spec = spec or GridSpec(**kwargs)
+        project's new grid; returns its id. A spec without a scale is stored at the default µm/px, so the scale
+        a model is trained at is always known; slides without µm/px then need a ``downsample`` grid."""
+        from al_core.project.scale import resolve_grid
+
+        spec = resolve_grid(spec or GridSpec(**kwargs))
         rows = patch_rows(self.slides(), spec, stored_tissue)
         with self.store.write() as s:
             grid = GridRow(spec=json.dumps(spec.to_dict()))
@@ -350,11 +359,14 @@ class Project:
         return stored_metrics(self, model, **kwargs)
 
     def export(self, out: str | os.PathLike[str], model: ModelRef = "latest", *, push: str | None = None,
-               overwrite: bool = False, overlap: int | None = None) -> ExportResult:
-        """Export a model version to ONNX (settings in its metadata); ``push`` also deploys it under that name."""
+               overwrite: bool = False, overlap: int | None = None, mpp: float | None = None,
+               downsample: float | None = None) -> ExportResult:
+        """Export a model version to ONNX (settings in its metadata); ``push`` also deploys it under that name;
+        ``mpp``/``downsample``: the training scale of a model that has none recorded."""
         from al_core.deploy.project_export import export_project_model
 
-        return export_project_model(self, model, out, push=push, overwrite=overwrite, overlap=overlap)
+        return export_project_model(self, model, out, push=push, overwrite=overwrite, overlap=overlap, mpp=mpp,
+                                    downsample=downsample)
 
     def deployed(self) -> list[DeployedModel]:
         """The project's deployed (pushed) models, newest first."""

@@ -26,6 +26,7 @@ from al_core.project.project import PROJECT_ENV, Project
 from al_core.project.schema import PatchRow
 from al_core.tiles.pyramid import Pyramid
 from slideloop_apps import BASE_URL_ENV, ROUTE_PREFIX
+from slideloop_apps.ui import slide_label
 
 AUTHOR_ENV = "SLIDELOOP_AUTHOR"
 
@@ -116,7 +117,7 @@ class AppState(HasTraits):
 
     def slide_choices(self) -> list[tuple[str, int]]:
         """(name, ID) of each project slide for the slide picker."""
-        return [(r.name, r.id) for r in self.project.slides()]
+        return [(slide_label(r.name, r.mpp), r.id) for r in self.project.slides()]
 
     def pyramid(self, slide_id: int | None = None) -> Pyramid:
         """The tile geometry of a slide (default: the current one)."""
