@@ -20,7 +20,7 @@ from al_core.errors import (
 
 #: modules whose ``register`` adds subcommands, in help order
 COMMAND_MODULES = ("al_core.cli.project_cmds", "al_core.cli.model_cmds", "al_core.cli.app_cmds",
-                   "al_core.cli.deploy_cmds")
+                   "al_core.cli.deploy_cmds", "al_core.cli.version_cmds")
 
 
 #: what to type next, after the core's own message, per error type (the core speaks in domain words only)

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``export``, ``push``, ``deployed`` and ``infer`` subcommands."""
     p = sub.add_parser("export", help="export a trained model version to ONNX (settings in its metadata)")
     add_project_arg(p)
-    p.add_argument("--model", default="latest", metavar="V", help="model id or 'latest' (default)")
+    p.add_argument("--model", default="active", metavar="V", help="model id, 'active' (default) or 'latest'")
     p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="ONNX file to write")
     p.add_argument("--overlap", type=int, help="sliding-window overlap in px for inference (default: from the grid)")
     p.add_argument("--push", metavar="NAME", help="also push it to the project's deployed models under NAME")

@@ -47,7 +47,7 @@ def export_project_model(
     mpp: float | None = None,
     downsample: float | None = None,
 ) -> ExportResult:
-    """Export a trained model version of a project (``"latest"`` or its id) to ONNX at ``out``.
+    """Export a trained model version of a project (``"active"``, ``"latest"`` or its id) to ONNX at ``out``.
 
     The inference config comes from the checkpoint's :class:`~al_core.learn.model.ModelConfig` (classes,
     patch, normalisation, scale) and the model row (version, metrics). Parity is checked on up to

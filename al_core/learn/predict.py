@@ -60,7 +60,7 @@ class _Scoring:
     annotations_of: AnnotationsOf
 
 
-def predict(project: Project, model: ModelRef = "latest", *, batch_size: int = 8, factor: int = 4,
+def predict(project: Project, model: ModelRef = "active", *, batch_size: int = 8, factor: int = 4,
             tta: bool = False, device: str = "auto", precision: str = "auto",
             progress: Callable[[int, int], None] | None = None, cancel: Cancel | None = None) -> PredictResult:
     """Predict all patches of the current grid with ``model`` and store probabilities and scores.

@@ -30,9 +30,11 @@ from al_core.learn.device import autocast_dtype, pick_device, precision_name
 from al_core.learn.fit import Cancel, FitSettings, Progress, ProgressFn, fit
 from al_core.learn.losses import median_frequency_weights
 from al_core.learn.model import ModelConfig, build_model, check_classes, config_for
+from al_core.learn.promote import evaluate_and_promote
 from al_core.project.models import ModelRef
 from al_core.project.scale import ModelScale, config_scale, training_scale
 from al_core.project.schema import ModelRow
+from al_core.project.validation import fixed_split, region_of
 
 if TYPE_CHECKING:
     from al_core.project.project import Project
@@ -90,6 +92,8 @@ class TrainResult:
     notes: list[str]
     #: the scale the model was trained at (:class:`~al_core.project.scale.ModelScale` as plain data)
     scale: dict[str, Any] | None = None
+    #: the new version against the active one on the fixed validation set (:mod:`al_core.learn.promote`)
+    evaluation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (the checkpoint as a string)."""
@@ -138,7 +142,7 @@ def train(project: Project, options: TrainOptions | None = None, *, from_model: 
 
     parent, ckpt, config = _start(project, from_model, encoder, encoder_weights, encoder_depth, decoder_channels)
     data = _training_data(project, config)
-    train_idx, val_idx = split_indices(len(data.ids), opts.val_fraction, opts.seed)
+    train_idx, val_idx = _fixed_split(project, data, opts)
     if not len(val_idx):
         report(Progress("note", message="no validation patches: early stopping and the best checkpoint follow "
                                          "the training loss"))
@@ -179,9 +183,16 @@ def train(project: Project, options: TrainOptions | None = None, *, from_model: 
                         if saved else f"training cancelled before an epoch finished; model {model_id} has no "
                                       "checkpoint"))
     wall = _finish(project, model_id, outcome.status, t0)
+    evaluation = None
+    if outcome.status == "done" and saved:
+        evaluation = evaluate_and_promote(project, model_id, ckpt_file, data.images[val_idx], data.masks[val_idx],
+                                          device)
+        report(Progress("note", message=f"model {model_id} {'is now active' if evaluation.promoted else 'was kept back'}"
+                                        f": {evaluation.reason}"))
     result = TrainResult(model_id, outcome.status, ckpt_file if saved else None, outcome.best.get("epoch"),
                          outcome.best, outcome.history, wall, str(device), precision_name(amp),
-                         notes + [n for n in outcome.notes if n not in notes], _config_scale(config).to_dict())
+                         notes + [n for n in outcome.notes if n not in notes], _config_scale(config).to_dict(),
+                         evaluation.to_dict() if evaluation else None)
     report(Progress("end", metrics=outcome.best, message=outcome.status))
     return result
 
@@ -210,6 +221,15 @@ def _start(project: Project, from_model: ModelRef, encoder: str | None, encoder_
     # fully convolutional: the weights carry over to a new grid's patch size
     config = replace(ckpt.config, patch=spec.patch, grid=spec.to_dict(), encoder_weights=None, **at_scale)
     return parent, ckpt, config
+
+
+def _fixed_split(project: Project, data: _Data, opts: TrainOptions
+                 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Training and validation positions into ``data``: the project's fixed validation set, grown with newly
+    labelled patches (:func:`al_core.project.validation.fixed_split`)."""
+    by_id = {p.id: p for p in project.patches()}
+    split = fixed_split(project.store, [by_id[i] for i in data.ids], opts.val_fraction, opts.seed)
+    return np.asarray(split.train, dtype=np.int64), np.asarray(split.val, dtype=np.int64)
 
 
 def _config_scale(config: ModelConfig) -> ModelScale:
@@ -280,7 +300,10 @@ def _open_row(project: Project, parent: ModelRow | None, config: ModelConfig, op
                        config=json.dumps(config.to_dict()), label_versions=json.dumps(label_versions),
                        hparams=json.dumps(hparams),
                        patches=json.dumps({"train": [data.ids[i] for i in train_idx],
-                                           "val": [data.ids[i] for i in val_idx]}))
+                                           "val": [data.ids[i] for i in val_idx],
+                                           # the fixed validation set as slide regions (survives a new grid)
+                                           "val_regions": [list(region_of(project.patch(data.ids[i])))
+                                                           for i in val_idx]}))
         s.add(row)
         s.flush()
         return row.id

@@ -279,7 +279,7 @@ def _job_predict(project: Project, params: dict[str, Any], report: _Reporter) ->
     from al_core.learn.predict import predict
 
     report({"stage": "predict"}, force=True)
-    return predict(project, params.get("model", "latest")).to_dict()
+    return predict(project, params.get("model", "active")).to_dict()
 
 
 JOB_KINDS: dict[str, JobFn] = {"grid": _job_grid, "train": _job_train, "predict": _job_predict}

@@ -279,7 +279,7 @@ class Project:
         patch = self.patch(patch_id) if patch_id is not None else None
         return self.labels.correct(row.id, region, class_idx, author=author, patch=patch, base_version=base_version)
 
-    def accept_prediction(self, patch_id: int, model: ModelRef = "latest", *, author: str = "script",
+    def accept_prediction(self, patch_id: int, model: ModelRef = "active", *, author: str = "script",
                           region: BaseGeometry | None = None, base_version: int | None = None) -> int:
         """Take the model's stored prediction as the label of the patch (or only inside ``region``)."""
         from al_core.wsi.raster import mask_to_shapes
@@ -340,25 +340,25 @@ class Project:
         opts = options or TrainOptions(**{k: v for k, v in kwargs.items() if k in fields})
         return train(self, opts, **{k: v for k, v in kwargs.items() if k not in fields})
 
-    def predict(self, model: ModelRef = "latest", **kwargs: Any) -> PredictResult:
+    def predict(self, model: ModelRef = "active", **kwargs: Any) -> PredictResult:
         """Predict every patch of the grid and store probabilities and scores (:func:`al_core.learn.predict.predict`)."""
         from al_core.learn.predict import predict
 
         return predict(self, model, **kwargs)
 
-    def review_queue(self, model: ModelRef = "latest", **kwargs: Any) -> pd.DataFrame:
+    def review_queue(self, model: ModelRef = "active", **kwargs: Any) -> pd.DataFrame:
         """The patches to review next, worst IoU first (:func:`al_core.learn.rank.review_queue`)."""
         from al_core.learn.rank import review_queue
 
         return review_queue(self, model, **kwargs)
 
-    def metrics(self, model: ModelRef = "latest", **kwargs: Any) -> dict[str, Any]:
+    def metrics(self, model: ModelRef = "active", **kwargs: Any) -> dict[str, Any]:
         """The paper's metric set of a model version (:func:`al_core.learn.evaluate.stored_metrics`)."""
         from al_core.learn.evaluate import stored_metrics
 
         return stored_metrics(self, model, **kwargs)
 
-    def export(self, out: str | os.PathLike[str], model: ModelRef = "latest", *, push: str | None = None,
+    def export(self, out: str | os.PathLike[str], model: ModelRef = "active", *, push: str | None = None,
                overwrite: bool = False, overlap: int | None = None, mpp: float | None = None,
                downsample: float | None = None) -> ExportResult:
         """Export a model version to ONNX (settings in its metadata); ``push`` also deploys it under that name;

@@ -147,14 +147,14 @@ class AppState(HasTraits):
         return urls
 
     def latest_model_id(self) -> int | None:
-        """The newest finished model of the project, if one was trained."""
+        """The project's active model (the newest finished one where none was chosen), if one was trained."""
         try:
-            return self.project.models.resolve("latest").id
+            return self.project.models.resolve("active").id
         except NoModelError:
             return None
 
     def use_model(self, model_id: int | None = None) -> None:
-        """Rank the queue and draw the overlay with ``model_id`` (default: the newest finished model), e.g.
+        """Rank the queue and draw the overlay with ``model_id`` (default: the project's active model), e.g.
         after a training run finished; the queue is re-ranked from scratch."""
         self.model_id = self.latest_model_id() if model_id is None else model_id
         self.refresh_queue()
