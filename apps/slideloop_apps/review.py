@@ -23,6 +23,7 @@ from ipyleaflet import (
 from shapely.geometry import mapping
 
 from al_core.errors import SlideloopError
+from slideloop_apps.model_choice import ModelSwitcher
 from slideloop_apps.state import ZOOM_SNAP, AppState, QueueItem, fit_zoom, patch_center, patch_outline
 from slideloop_apps.ui import message_html, scale_bar_html
 
@@ -71,6 +72,7 @@ class ReviewApp(w.VBox):
         self.slide_picker = w.Dropdown(options=state.slide_choices(), value=state.slide_id, description="Slide",
                                        layout=w.Layout(width="100%")).add_class("slideloop-slide")
         self.model_note = w.HTML().add_class("slideloop-model")
+        self.model_switch = ModelSwitcher(state)  # which model ranks the queue; any version and back
         self.label_opacity = w.FloatSlider(0.5, min=0, max=1, step=0.05, description="Labels",
                                            readout_format=".0%")
         self.pred_opacity = w.FloatSlider(0.5, min=0, max=1, step=0.05, description="Prediction",
@@ -89,7 +91,7 @@ class ReviewApp(w.VBox):
         self.queue_head = w.HTML()
 
         panel = w.VBox([
-            self.slide_picker, self.model_note,
+            self.slide_picker, self.model_note, self.model_switch,
             w.HTML("<h4>Overlays</h4>"), self.label_opacity, self.pred_opacity,
             w.HTML("<div style='color:#555;font-size:12px'>Labels are filled; the prediction is outlined.</div>"),
             w.HTML("<h4>Correct</h4>"), self.mode, w.HBox([self.undo_btn, self.save_btn]), self.accept_btn,
