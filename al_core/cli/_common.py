@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,8 +22,13 @@ def add_json_arg(p: argparse.ArgumentParser) -> None:
 
 
 def open_project(args: argparse.Namespace) -> Project:
-    """The project the command names."""
-    return Project.open(args.project)
+    """The project the command names; runs whose process died are ended first (and said so on stderr)."""
+    from al_core.project.reaper import reap
+
+    proj = Project.open(args.project)
+    for line in reap(proj):
+        print(f"note: {line}; marked failed", file=sys.stderr)
+    return proj
 
 
 def model_ref(value: str | None) -> int | str | None:

@@ -32,6 +32,7 @@ from al_core.learn.losses import median_frequency_weights
 from al_core.learn.model import ModelConfig, build_model, check_classes, config_for
 from al_core.learn.promote import evaluate_and_promote
 from al_core.project.models import ModelRef
+from al_core.project.reaper import this_process
 from al_core.project.scale import ModelScale, config_scale, training_scale
 from al_core.project.schema import ModelRow
 from al_core.project.validation import fixed_split, region_of
@@ -295,8 +296,9 @@ def _open_row(project: Project, parent: ModelRow | None, config: ModelConfig, op
     hparams = asdict(opts) | {"device": str(device), "precision": precision_name(amp),
                               "train_patches": len(train_idx), "val_patches": len(val_idx)}
     label_versions = {s.name: project.labels.version(s.id) for s in project.slides()}
+    pid, host = this_process()  # a run whose process dies is then noticed (al_core.project.reaper)
     with project.store.write() as s:
-        row = ModelRow(parent_id=parent.id if parent else None, status="training",
+        row = ModelRow(parent_id=parent.id if parent else None, status="training", pid=pid, host=host,
                        config=json.dumps(config.to_dict()), label_versions=json.dumps(label_versions),
                        hparams=json.dumps(hparams),
                        patches=json.dumps({"train": [data.ids[i] for i in train_idx],

@@ -16,7 +16,7 @@ from al_core.errors import ProjectError, SchemaError
 from al_core.project.schema import Base, Meta, utcnow
 
 #: schema of the tables in :mod:`al_core.project.schema`; bump it with a migration in :data:`MIGRATIONS`
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APP_ID = "slideloop"
 
 #: a migration from schema N to N+1, run inside the upgrade transaction
@@ -35,7 +35,14 @@ def _v1_to_v2(conn: Connection) -> None:
         "size = (SELECT size FROM patches WHERE patches.id = reviews.patch_id)"))
 
 
-MIGRATIONS: dict[int, Migration] = {1: _v1_to_v2}
+def _v2_to_v3(conn: Connection) -> None:
+    """Jobs and model rows record the process running them, so a dead one is noticed."""
+    for table in ("jobs", "models"):
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN pid INTEGER"))
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN host VARCHAR(255)"))
+
+
+MIGRATIONS: dict[int, Migration] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 _IMMEDIATE = {"slideloop_immediate": True}
 

@@ -58,8 +58,8 @@ def test_newer_schema_refused(tmp_path):
 def test_migration_path_runs_in_order(tmp_path, monkeypatch):
     Project.create(tmp_path).close()
     url = f"sqlite:///{tmp_path / 'project.db'}"
-    assert SCHEMA_VERSION == 2
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 4)
+    assert SCHEMA_VERSION == 3
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 5)
     ran: list[int] = []
 
     def step(n: int):
@@ -68,23 +68,24 @@ def test_migration_path_runs_in_order(tmp_path, monkeypatch):
             conn.exec_driver_sql(f"CREATE TABLE added_in_{n + 1} (id INTEGER)")
         return migrate
 
-    with pytest.raises(SchemaError, match="no migration from schema 3"):
-        Store(url, migrations={2: step(2)})
-    # the failed upgrade rolled back: schema still 2, the table of step 2 is gone
+    with pytest.raises(SchemaError, match="no migration from schema 4"):
+        Store(url, migrations={3: step(3)})
+    # the failed upgrade rolled back: schema still 3, the table of step 3 is gone
     con = sqlite3.connect(tmp_path / "project.db")
-    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
-    assert not con.execute("SELECT name FROM sqlite_master WHERE name='added_in_3'").fetchall()
+    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
+    assert not con.execute("SELECT name FROM sqlite_master WHERE name='added_in_4'").fetchall()
     con.close()
     ran.clear()
-    s = Store(url, migrations={2: step(2), 3: step(3)})
-    assert ran == [2, 3]
+    s = Store(url, migrations={3: step(3), 4: step(4)})
+    assert ran == [3, 4]
     with s.read() as session:
-        assert session.get(Meta, "schema_version").value == "4"
+        assert session.get(Meta, "schema_version").value == "5"
     s.dispose()
 
 
 def _downgrade_to_v1(db) -> None:
-    """Rewrite a schema-2 database as schema 1 wrote it: reviews keyed by patch only, jobs without a model."""
+    """Rewrite a schema-3 database as schema 1 wrote it: reviews keyed by patch only, jobs without a model,
+    no process columns."""
     con = sqlite3.connect(db)
     con.executescript("""
         PRAGMA foreign_keys=OFF;
@@ -100,6 +101,8 @@ def _downgrade_to_v1(db) -> None:
             progress, result, error, cancel_requested FROM jobs;
         DROP TABLE jobs;
         ALTER TABLE jobs_v1 RENAME TO jobs;
+        ALTER TABLE models DROP COLUMN pid;
+        ALTER TABLE models DROP COLUMN host;
         UPDATE meta SET value='1' WHERE key='schema_version';
         COMMIT;
     """)
@@ -118,7 +121,7 @@ def test_schema_1_project_is_migrated_and_keeps_its_reviews(tmp_path, sample_svs
     assert "slide_id" not in {r[1] for r in con.execute("PRAGMA table_info(reviews)")}
     con.close()
     with Project.open(root) as proj:
-        assert proj.store.get_meta("schema_version") == "2"
+        assert proj.store.get_meta("schema_version") == "3"
         # the migration gave the old review its slide region: it still counts, also on a rebuilt grid
         assert proj.labels.reviewed_regions() == [(reviewed.slide_id, reviewed.x, reviewed.y, reviewed.size)]
         assert proj.reviewed_patch_ids() == {reviewed.id}
