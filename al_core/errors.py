@@ -34,6 +34,10 @@ class ScaleError(SlideError):
     """A slide's scale (µm per pixel) is unknown where it is needed, or it cannot be read at a wanted scale."""
 
 
+class NoTissueError(SlideError):
+    """No tissue was found on a slide (or none in the patches of its grid)."""
+
+
 class UncalibratedError(ScaleError):
     """A slide without µm/px metadata is used where a physical scale is needed (a grid in µm)."""
 

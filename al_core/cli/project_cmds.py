@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from al_core.cli._common import add_json_arg, add_project_arg, emit_json, format_table, open_project
+from al_core.errors import NoTissueError
 from al_core.project.classes import DEFAULT_CLASSES
 from al_core.project.project import Project
 from al_core.wsi.grid import GridSpec
@@ -109,7 +111,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
     rows = [{"slide": s["name"], "patches": s["patches"], "tissue_fraction": s["tissue_fraction"]}
             for s in status["slides"]]
     if args.json:
-        emit_json({"grid_id": grid_id, "spec": spec.to_dict(), "slides": rows})
+        emit_json({"grid_id": grid_id, "spec": spec.to_dict(), "slides": rows,
+                   "no_tissue": [r["slide"] for r in rows if not r["patches"]]})
     else:
         print(format_table(rows, ["slide", "patches", "tissue_fraction"]))
         print(f"grid {grid_id}: {sum(r['patches'] for r in rows)} patches of {spec.patch} px, overlap {spec.overlap}")
@@ -139,7 +142,7 @@ def cmd_labels_preannotate(args: argparse.Namespace) -> int:
     every slide never labelled.
 
     Raises ``ValueError`` for an unknown ``--class``."""
-    results = []
+    results: list[dict[str, Any]] = []
     with open_project(args) as proj:
         classes = [c for c in proj.classes() if c.idx != 0 and not c.ignore]
         if args.class_name:
@@ -150,16 +153,23 @@ def cmd_labels_preannotate(args: argparse.Namespace) -> int:
         rows = [proj.slide_row(args.slide)] if args.slide else [
             r for r in proj.slides() if proj.label_version(r.id) == 0]
         for row in rows:
-            version, share = proj.preannotate(row, cls.idx)
+            try:
+                version, share = proj.preannotate(row, cls.idx)
+            except NoTissueError as err:  # the other slides still get theirs; this one is no success
+                results.append({"slide": row.name, "class": cls.name, "error": str(err)})
+                continue
             results.append({"slide": row.name, "class": cls.name, "version": version,
                             "area_fraction": round(share, 4)})
     if args.json:
         emit_json(results)
     else:
         for r in results:
+            if "error" in r:
+                print(f"slideloop labels preannotate: error: {r['error']}", file=sys.stderr)
+                continue
             print(f"{r['slide']}: {r['class']} pre-annotation over {r['area_fraction']:.1%} of the slide "
                   f"(label version {r['version']}; uncorrected — review it)")
-    return 0
+    return 1 if any("error" in r for r in results) else 0
 
 
 def cmd_labels_export(args: argparse.Namespace) -> int:

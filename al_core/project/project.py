@@ -21,7 +21,7 @@ from shapely.geometry.base import BaseGeometry
 from sqlalchemy import func, insert, select
 
 from al_core._io import atomic_write_bytes
-from al_core.errors import LabelError, ProjectError
+from al_core.errors import LabelError, NoTissueError, ProjectError
 from al_core.project.classes import BACKGROUND, DEFAULT_CLASSES, ClassInfo
 from al_core.project.label_import import read_label_file
 from al_core.project.labels import Annotation, Box, LabelVersions
@@ -174,6 +174,9 @@ class Project:
 
         spec = resolve_grid(spec or GridSpec(**kwargs))
         rows = patch_rows(self.slides(), spec, stored_tissue)
+        for name in self.slides_without_patches(rows):
+            log.warning("warning: slide %s yields no tissue patches (no tissue found, or none reaching the "
+                        "grid's minimum tissue share); it has no review queue", name)
         with self.store.write() as s:
             grid = GridRow(spec=json.dumps(spec.to_dict()))
             s.add(grid)
@@ -181,6 +184,11 @@ class Project:
             if rows:
                 s.execute(insert(PatchRow), [dict(r, grid_id=grid.id) for r in rows])
             return grid.id
+
+    def slides_without_patches(self, rows: Sequence[dict[str, Any]] | None = None) -> list[str]:
+        """Names of the slides the grid (``rows``, default the current grid) has no patch of."""
+        have = {r["slide_id"] for r in rows} if rows is not None else {p.slide_id for p in self.patches()}
+        return [s.name for s in self.slides() if s.id not in have]
 
     def grid_id(self) -> int | None:
         """The id of the current (newest) grid."""
@@ -249,8 +257,12 @@ class Project:
 
         row = self.slide_row(slide)
         tissue = stored_tissue(row)
+        if not tissue.mask.any():
+            raise NoTissueError(row.name, "no tissue was found on the slide, so there is nothing to pre-annotate")
         with open_registered(row) as s:
             shapes = preannotate(s, class_idx, tissue.mask, tissue.downsample)
+        if not shapes:
+            raise NoTissueError(row.name, "the hematoxylin threshold found nothing in its tissue; no label made")
         version = self.labels.add(row.id, shapes, author=author, source="hematoxylin threshold",
                                   message="pre-annotation (uncorrected)")
         return version, sum(g.area for _, g in shapes) / (row.width * row.height)

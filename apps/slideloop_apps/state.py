@@ -134,6 +134,10 @@ class AppState(HasTraits):
         if not Path(row.path).is_file():
             return (f"The file of slide '{row.name}' is missing ({Path(row.path).name} was moved or deleted "
                     "after it was registered): its image cannot be shown; labels, queue and drawing still work.")
+        if self.project.grid_id() is not None and not self.project.patches(row.id):
+            return (f"Slide '{row.name}' has no tissue patches in the grid (no tissue was found on it, or none "
+                    "reaching the grid's minimum tissue share), so it has no review queue; the queue lists "
+                    "other slides' patches only.")
         return None
 
     def tile_urls(self) -> dict[str, str]:
