@@ -34,6 +34,14 @@ class ScaleError(SlideError):
     """A slide's scale (µm per pixel) is unknown where it is needed, or it cannot be read at a wanted scale."""
 
 
+class NoTissueError(SlideError):
+    """No tissue was found on a slide (or none in the patches of its grid)."""
+
+
+class UncalibratedError(ScaleError):
+    """A slide without µm/px metadata is used where a physical scale is needed (a grid in µm)."""
+
+
 class ProjectError(SlideloopError):
     """A project path is not a project, or an operation does not fit the project's state."""
 
@@ -68,6 +76,10 @@ class ModelConfigError(_AtSource, ValueError):
 
 class ExportError(SlideloopError):
     """Export failed or the exported model does not reproduce the torch model."""
+
+
+class UnknownScaleError(ExportError):
+    """A model's training scale (µm/px, or an uncalibrated downsample) is not recorded and was not given."""
 
 
 class InferenceError(SlideloopError):

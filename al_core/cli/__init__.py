@@ -9,15 +9,25 @@ import sys
 from collections.abc import Sequence
 
 from al_core import __version__
-from al_core.errors import NoGridError, NoModelError, ScaleError, SlideloopError
+from al_core.errors import (
+    NoGridError,
+    NoModelError,
+    ScaleError,
+    SlideloopError,
+    UncalibratedError,
+    UnknownScaleError,
+)
 
 #: modules whose ``register`` adds subcommands, in help order
 COMMAND_MODULES = ("al_core.cli.project_cmds", "al_core.cli.model_cmds", "al_core.cli.app_cmds",
-                   "al_core.cli.deploy_cmds", "al_core.cli.simulate_cmds")
+                   "al_core.cli.deploy_cmds", "al_core.cli.simulate_cmds", "al_core.cli.version_cmds")
 
 
 #: what to type next, after the core's own message, per error type (the core speaks in domain words only)
 HINTS: dict[type[BaseException], str] = {
+    UncalibratedError: "grid it with --downsample N (N times down from level 0), or add the slide again with "
+                       "--mpp M (its µm per pixel) and grid with --mpp",
+    UnknownScaleError: "say which scale it was trained at with --mpp M (µm/px) or --downsample N",
     ScaleError: "give the slide's µm per pixel with --mpp (e.g. 0.25 for 40x)",
     NoGridError: "cut the patch grid with 'slideloop grid PROJECT'",
     NoModelError: "train one with 'slideloop train PROJECT' (then 'slideloop predict PROJECT')",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,10 +26,14 @@ def add_json_arg(p: argparse.ArgumentParser) -> None:
 
 
 def open_project(args: argparse.Namespace) -> Project:
-    """The project the command names."""
+    """The project the command names; runs whose process died are ended first (and said so on stderr)."""
     from al_core.project.project import Project
+    from al_core.project.reaper import reap
 
-    return Project.open(args.project)
+    proj = Project.open(args.project)
+    for line in reap(proj):
+        print(f"note: {line}; marked failed", file=sys.stderr)
+    return proj
 
 
 def model_ref(value: str | None) -> int | str | None:

@@ -15,11 +15,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``export``, ``push``, ``deployed`` and ``infer`` subcommands."""
     p = sub.add_parser("export", help="export a trained model version to ONNX (settings in its metadata)")
     add_project_arg(p)
-    p.add_argument("--model", default="latest", metavar="V", help="model id or 'latest' (default)")
+    p.add_argument("--model", default="active", metavar="V", help="model id, 'active' (default) or 'latest'")
     p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="ONNX file to write")
     p.add_argument("--overlap", type=int, help="sliding-window overlap in px for inference (default: from the grid)")
     p.add_argument("--push", metavar="NAME", help="also push it to the project's deployed models under NAME")
     p.add_argument("--overwrite", action="store_true", help="with --push: replace a deployed model of that name")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--mpp", type=float, help="µm/px the model was trained at (only for a model without one)")
+    scale.add_argument("--downsample", type=float,
+                       help="level-0 downsample an uncalibrated model was trained at (only for a model without one)")
     add_json_arg(p)
     p.set_defaults(func=cmd_export)
 
@@ -63,18 +67,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     """``slideloop export``: write a model version as ONNX (optionally pushed) and report its ONNX/torch parity."""
     with open_project(args) as proj:
         res = proj.export(args.output, _model_ref(args.model), push=args.push, overwrite=args.overwrite,
-                          overlap=args.overlap)
+                          overlap=args.overlap, mpp=args.mpp, downsample=args.downsample)
     cfg, parity, pushed = res.config, res.parity, res.deployed
     out: dict[str, Any] = {"output": args.output, "model_version": cfg.model_version,
                            "classes": [c.name for c in cfg.classes], "input_size": list(cfg.input_size),
-                           "target_mpp": cfg.target_mpp, "overlap": cfg.overlap,
+                           "target_mpp": cfg.target_mpp, "downsample": cfg.downsample,
+                           "uncalibrated": cfg.uncalibrated, "overlap": cfg.overlap,
                            "parity_max_abs_diff": None if parity is None else parity.max_abs_diff,
                            "pushed": None if pushed is None else str(pushed.path)}
     if args.json:
         emit_json(out)
     else:
         par = "not checked (no patches)" if parity is None else f"max |ORT - torch| = {parity.max_abs_diff:.2g}"
-        print(f"exported model {cfg.model_version} to {args.output} ({cfg.input_size[0]} px, "
+        at = f"{cfg.target_mpp:g} µm/px" if cfg.target_mpp else f"downsample {cfg.downsample:g} (uncalibrated)"
+        print(f"exported model {cfg.model_version} to {args.output} ({cfg.input_size[0]} px at {at}, "
               f"{', '.join(out['classes'])}); parity: {par}")
         if pushed:
             print(f"pushed as {pushed.name} -> {pushed.path}")

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("predict", help="predict every patch with a model version; store probabilities and scores")
     add_project_arg(p)
-    p.add_argument("--model", default="latest", help="model id or 'latest' (default)")
+    p.add_argument("--model", default="active", help="model id, 'active' (default: the project's active model) or 'latest'")
     p.add_argument("--batch-size", type=int, default=8, help="patches per forward pass (default 8)")
     p.add_argument("--factor", type=int, default=4, help="store probability maps reduced by this factor")
     p.add_argument("--tta", action="store_true", help="also score flip test-time-augmentation disagreement")
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("rank", help="the review queue: worst-IoU labelled or most uncertain unlabelled patches")
     add_project_arg(p)
-    p.add_argument("--model", default="latest", help="model id or 'latest' (default)")
+    p.add_argument("--model", default="active", help="model id, 'active' (default: the project's active model) or 'latest'")
     p.add_argument("--by", default=None, choices=["iou", "entropy", "disagreement", "mcdropout", "random"],
                    help="iou (labelled patches, default) or uncertainty/random (unlabelled patches)")
     p.add_argument("--unlabelled", action="store_true", help="rank unlabelled patches (by entropy unless --by)")
@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("metrics", help="pixel accuracy, IoU, Dice per patch → per slide → over slides")
     add_project_arg(p)
-    p.add_argument("--model", default="latest", help="model id or 'latest' (default)")
+    p.add_argument("--model", default="active", help="model id, 'active' (default: the project's active model) or 'latest'")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--test-slides", nargs="+", metavar="SLIDE", help="slides of the test set")
     split.add_argument("--test-fraction", type=float, default=0.0, help="random share of slides for the test set")

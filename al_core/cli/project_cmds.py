@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from al_core.cli._common import add_json_arg, add_project_arg, emit_json, format_table, open_project
+from al_core.errors import NoTissueError
 from al_core.project.classes import DEFAULT_CLASSES
 
 
@@ -32,8 +34,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--patch", type=int, default=512, help="patch size in output pixels (default 512)")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--downsample", type=float, help="read this many times down from level 0")
-    scale.add_argument("--target-mpp", type=float,
-                       help="µm per output pixel (default 1.0 = 40x read 4x down; 4x down without mpp)")
+    scale.add_argument("--mpp", "--target-mpp", dest="target_mpp", type=float,
+                       help="µm per output pixel (default 1.0 = 40x read 4x down); slides without µm/px "
+                            "(uncalibrated) need --downsample")
     p.add_argument("--overlap", type=int, help="overlap in output pixels (default: a quarter of the patch, 128 of 512)")
     p.add_argument("--min-tissue", type=float, default=0.25, help="drop patches under this tissue fraction")
     add_json_arg(p)
@@ -89,7 +92,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         for path in args.slides:
             row = proj.add_slide(path, mpp=args.mpp, name=args.name)
             added.append({"id": row.id, "name": row.name, "width": row.width, "height": row.height,
-                          "levels": row.levels, "mpp": row.mpp, "tissue_fraction": round(row.tissue_fraction or 0, 4)})
+                          "levels": row.levels, "mpp": row.mpp, "calibrated": row.mpp is not None, "tissue_fraction": round(row.tissue_fraction or 0, 4)})
     if args.json:
         emit_json(added)
     else:
@@ -105,11 +108,13 @@ def cmd_grid(args: argparse.Namespace) -> int:
                     target_mpp=args.target_mpp, downsample=args.downsample)
     with open_project(args) as proj:
         grid_id = proj.build_grid(spec)
+        spec = proj.grid_spec() or spec
         status = proj.status()
     rows = [{"slide": s["name"], "patches": s["patches"], "tissue_fraction": s["tissue_fraction"]}
             for s in status["slides"]]
     if args.json:
-        emit_json({"grid_id": grid_id, "spec": spec.to_dict(), "slides": rows})
+        emit_json({"grid_id": grid_id, "spec": spec.to_dict(), "slides": rows,
+                   "no_tissue": [r["slide"] for r in rows if not r["patches"]]})
     else:
         print(format_table(rows, ["slide", "patches", "tissue_fraction"]))
         print(f"grid {grid_id}: {sum(r['patches'] for r in rows)} patches of {spec.patch} px, overlap {spec.overlap}")
@@ -139,7 +144,7 @@ def cmd_labels_preannotate(args: argparse.Namespace) -> int:
     every slide never labelled.
 
     Raises ``ValueError`` for an unknown ``--class``."""
-    results = []
+    results: list[dict[str, Any]] = []
     with open_project(args) as proj:
         classes = [c for c in proj.classes() if c.idx != 0 and not c.ignore]
         if args.class_name:
@@ -150,16 +155,23 @@ def cmd_labels_preannotate(args: argparse.Namespace) -> int:
         rows = [proj.slide_row(args.slide)] if args.slide else [
             r for r in proj.slides() if proj.label_version(r.id) == 0]
         for row in rows:
-            version, share = proj.preannotate(row, cls.idx)
+            try:
+                version, share = proj.preannotate(row, cls.idx)
+            except NoTissueError as err:  # the other slides still get theirs; this one is no success
+                results.append({"slide": row.name, "class": cls.name, "error": str(err)})
+                continue
             results.append({"slide": row.name, "class": cls.name, "version": version,
                             "area_fraction": round(share, 4)})
     if args.json:
         emit_json(results)
     else:
         for r in results:
+            if "error" in r:
+                print(f"slideloop labels preannotate: error: {r['error']}", file=sys.stderr)
+                continue
             print(f"{r['slide']}: {r['class']} pre-annotation over {r['area_fraction']:.1%} of the slide "
                   f"(label version {r['version']}; uncorrected — review it)")
-    return 0
+    return 1 if any("error" in r for r in results) else 0
 
 
 def cmd_labels_export(args: argparse.Namespace) -> int:
@@ -190,7 +202,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                       f"patch {g['patch']} px, overlap {g['overlap']}, min tissue {g['min_tissue']}, "
                       + (f"target {g['target_mpp']} µm/px" if g["target_mpp"] else
                          f"downsample {g['downsample']}" if g["downsample"] else "default scale")))
-    cols = ["name", "width", "height", "levels", "mpp", "tissue_fraction", "patches", "labelled", "unlabelled",
+    for s in st["slides"]:
+        s["scale"] = f"{s['mpp']:.4g} µm/px" if s["calibrated"] else "uncalibrated"
+    cols = ["name", "width", "height", "levels", "scale", "tissue_fraction", "patches", "labelled", "unlabelled",
             "label_version"]
     print(format_table(st["slides"], cols))
     missing = [s["name"] for s in st["slides"] if not s["file_present"]]

@@ -46,7 +46,8 @@ class InferenceConfig:
 
     Input: ``input_size`` (w, h) patches in ``layout`` with channels in ``channel_order``; pixel values
     ``v`` (0–255 after ``preprocess``) become ``(v * scale - mean) / std``. Scale: ``target_mpp`` µm per
-    model pixel (or ``magnification``, 10/mpp; or a plain ``downsample``). Output number ``output`` (index
+    model pixel (or ``magnification``, 10/mpp; or a plain ``downsample``, with ``uncalibrated`` set when the
+    model was trained on slides without µm/px, so it has no physical scale). Output number ``output`` (index
     or name) has one channel per entry of ``output_classes`` (the class index each channel votes for);
     ``activation`` turns it into probabilities. Decision: one sigmoid channel → ``threshold``; several
     sigmoid channels → the most probable channel above ``threshold``, else background; softmax → argmax.
@@ -65,6 +66,7 @@ class InferenceConfig:
     target_mpp: float | None = None
     magnification: float | None = None
     downsample: float | None = None
+    uncalibrated: bool = False
     overlap: int = 32
     threshold: float = 0.5
     min_tissue: float = 0.01
@@ -98,6 +100,8 @@ class InferenceConfig:
             v = getattr(self, name)
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a positive number, got {v}")
+        if self.uncalibrated and (self.mpp is not None or self.downsample is None):
+            raise ValueError("an uncalibrated model has a downsample and no µm/px or magnification")
         if not all(isinstance(c, ClassSpec) for c in self.classes):
             raise TypeError("classes must be ClassSpec objects (InferenceConfig.from_dict also takes names)")
         idx = [c.index for c in self.classes]
@@ -206,6 +210,10 @@ def _coerce(key: str, value: Any) -> Any:
         return None if value is None else parse_number(value)
     if key == "overlap":
         return int(value)
+    if key == "uncalibrated":
+        if not isinstance(value, bool):
+            raise ValueError(f"uncalibrated must be true or false, got {value!r}")
+        return value
     if key == "output":
         return int(value) if isinstance(value, int) or (isinstance(value, str) and value.isdigit()) else str(value)
     if key in ("layout", "channel_order"):

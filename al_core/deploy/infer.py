@@ -60,6 +60,9 @@ class InferenceResult:
     providers: list[str]
     class_pixels: dict[str, int]
     timings: dict[str, float] = field(default_factory=dict)
+    #: the scale the model was trained at: ``mpp``, or ``downsample`` with ``calibrated`` false (see
+    #: :func:`model_scale`); ``model_mpp`` is the µm/px the slide was read at (equal when calibrated)
+    model_scale: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The result as a plain dict (the per-slide entry of the CLI's JSON output)."""
@@ -121,6 +124,7 @@ def infer_slide(
         raise ModelConfigError(seg.path, str(err)) from err
     meta = {"kind": "class_map", "classes": [asdict(c) for c in cfg.classes], "model": seg.path.name,
             "model_name": cfg.model_name, "model_version": cfg.model_version, "model_mpp": cfg.mpp,
+            "model_scale": model_scale(cfg),
             "downsample": plan.downsample, "version": __version__}
     opts = _Outputs(out, geojson, probabilities, compression, tile, mask_tissue and cfg.min_tissue > 0)
     with tempfile.TemporaryDirectory(prefix="slideloop-infer-") as td:
@@ -135,10 +139,18 @@ def infer_slide(
         downsample=plan.downsample, mpp=plan.mpp, model_mpp=None if plan.mpp is None else plan.mpp * plan.downsample,
         levels=written.levels, patches=len(plan.xs), patches_total=plan.patches_total,
         providers=list(seg.providers), class_pixels=written.class_pixels,
-        timings={k: round(v, 4) for k, v in timings.items()},
+        timings={k: round(v, 4) for k, v in timings.items()}, model_scale=model_scale(cfg),
     )
     atomic_write_bytes(rep, json.dumps({**result.to_dict(), "config": cfg.to_dict()}, indent=2).encode())
     return result
+
+
+def model_scale(cfg: InferenceConfig) -> dict[str, Any]:
+    """The model's own scale as reports give it: ``{"mpp", "downsample", "calibrated"}`` (µm/px unknown:
+    ``calibrated`` false; a model with neither runs at level 0, downsample 1)."""
+    if cfg.mpp is not None:
+        return {"mpp": cfg.mpp, "downsample": None, "calibrated": True}
+    return {"mpp": None, "downsample": cfg.downsample or 1.0, "calibrated": False}
 
 
 @dataclass(frozen=True)

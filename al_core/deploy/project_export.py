@@ -13,9 +13,10 @@ from al_core.deploy.config import InferenceConfig
 from al_core.deploy.export import EXTRA_KEYS, ParityReport, export_onnx, normalise_patches
 from al_core.deploy.onnx_io import read_onnx_metadata
 from al_core.deploy.registry import DeployedModel, json_or_str, push_model
+from al_core.errors import ExportError, UnknownScaleError
 from al_core.project.models import ModelRef
+from al_core.project.scale import config_scale, same_scale
 from al_core.project.schema import ModelRow
-from al_core.wsi.grid import DEFAULT_TARGET_MPP
 
 if TYPE_CHECKING:
     from al_core.learn.model import ModelConfig
@@ -43,19 +44,23 @@ def export_project_model(
     overlap: int | None = None,
     parity_patches: int = 4,
     atol: float = 1e-3,
+    mpp: float | None = None,
+    downsample: float | None = None,
 ) -> ExportResult:
-    """Export a trained model version of a project (``"latest"`` or its id) to ONNX at ``out``.
+    """Export a trained model version of a project (``"active"``, ``"latest"`` or its id) to ONNX at ``out``.
 
     The inference config comes from the checkpoint's :class:`~al_core.learn.model.ModelConfig` (classes,
     patch, normalisation, scale) and the model row (version, metrics). Parity is checked on up to
     ``parity_patches`` real patches of the project's grid (none if the project has no grid). ``push`` also
-    copies the file into the project's registry under that name.
+    copies the file into the project's registry under that name. The model runs at the scale it was trained
+    at; ``mpp`` or ``downsample`` gives it for a model trained before scales were recorded (a model without a
+    known scale is refused: it would run at whatever the slide's own scale is).
     """
     from al_core.learn.checkpoint import load_model
 
     row = proj.models.resolve(model_ref)
     module, mcfg = load_model(proj.models.checkpoint(row))
-    metadata = _metadata(proj, row, mcfg, overlap)
+    metadata = _metadata(proj, row, mcfg, overlap) | _scale_metadata(row.id, mcfg, mpp, downsample)
     sample = None
     patches = proj.patches()[:parity_patches] if proj.grid_id() is not None else []
     if patches:
@@ -78,9 +83,6 @@ def _metadata(proj: Project, row: ModelRow, mcfg: ModelConfig, overlap: int | No
     metadata: dict[str, Any] = {
         "input_size": mcfg.patch, "mean": list(mcfg.mean), "std": list(mcfg.std), "scale": 1.0 / 255.0,
         "activation": "softmax", "classes": classes, "output_classes": list(mcfg.class_idx),
-        # a grid with neither scale read slides at GridSpec's default µm/px: the model must run at that scale too
-        "target_mpp": mcfg.target_mpp if mcfg.target_mpp or mcfg.downsample else DEFAULT_TARGET_MPP,
-        "downsample": None if mcfg.target_mpp else mcfg.downsample,
         "overlap": overlap if overlap is not None else min(grid_overlap, mcfg.patch // 2),
         "model_name": f"{Path(proj.root).resolve().name}-model-{row.id}", "model_version": str(row.id),
         "metrics": json_or_str(row.metrics or "{}"),
@@ -90,3 +92,24 @@ def _metadata(proj: Project, row: ModelRow, mcfg: ModelConfig, overlap: int | No
         "source": {"project": str(Path(proj.root).resolve()), "checkpoint": str(row.checkpoint)},
     }
     return metadata
+
+
+def _scale_metadata(model_id: int, mcfg: ModelConfig, mpp: float | None, downsample: float | None) -> dict[str, Any]:
+    """``target_mpp``/``downsample``/``uncalibrated`` of the export: the training scale, or the one given."""
+    if mpp is not None and downsample is not None:
+        raise ValueError("give the model's µm/px or its downsample, not both")
+    known = config_scale(mcfg.target_mpp, mcfg.downsample, mcfg.uncalibrated)
+    if known is None and mpp is None and downsample is None:
+        raise UnknownScaleError(f"model {model_id} has no recorded training scale (it was trained before "
+                                "slideloop recorded one); say which µm/px or downsample it was trained at")
+    if known is not None and (mpp is not None or downsample is not None):
+        given, mine = (mpp, known.mpp) if mpp is not None else (downsample, known.downsample)
+        if mine is None or given is None or not same_scale(given, mine):
+            asked = f"{mpp:g} µm/px" if mpp is not None else f"downsample {downsample:g}"
+            raise ExportError(f"model {model_id} was trained at {known.describe()}; exporting it at {asked} "
+                              "would run it at another scale than it learned")
+    if known is None:
+        return {"target_mpp": mpp, "downsample": downsample, "uncalibrated": mpp is None}
+    if known.calibrated:
+        return {"target_mpp": known.mpp, "downsample": None, "uncalibrated": False}
+    return {"target_mpp": None, "downsample": known.downsample, "uncalibrated": True}

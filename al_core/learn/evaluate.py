@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from al_core.project.project import Project
 
 
-def stored_metrics(project: Project, model: ModelRef = "latest", *, test_slides: list[str] | None = None,
+def stored_metrics(project: Project, model: ModelRef = "active", *, test_slides: list[str] | None = None,
                    test_fraction: float = 0.0, seed: int = 0) -> dict[str, Any]:
     """The paper's metric set from the confusions stored by :func:`predict` (labelled patches only),
     per patch → per slide → over slides, for all slides and for a slide-level train/test split."""

@@ -38,7 +38,8 @@ class ModelConfig:
     """Everything needed to rebuild a model and feed it: architecture, classes, input scale and normalisation.
 
     ``class_idx[c]`` is the project class index predicted by output channel ``c``; ``patch`` is the side in
-    pixels of the grid's patches, read at ``downsample`` from level 0 (``target_mpp`` µm/px where known).
+    pixels of the grid's patches, read at ``target_mpp`` µm/px; on slides without µm/px metadata at
+    ``downsample`` from level 0 with ``uncalibrated`` set (:func:`al_core.project.scale.training_scale`).
     """
 
     class_idx: tuple[int, ...]
@@ -56,6 +57,7 @@ class ModelConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     target_mpp: float | None = None
     downsample: float | None = None
+    uncalibrated: bool = False
     grid: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ from al_core.learn.metrics import confusion, patch_dice, patch_iou
 from al_core.learn.model import ModelConfig, check_classes, preprocess
 from al_core.learn.predictions import predictions_dir
 from al_core.project.models import ModelRef
+from al_core.project.scale import check_grid_scale, config_scale
 from al_core.project.schema import ModelRow, PatchRow, PatchScoreRow
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ class _Scoring:
     annotations_of: AnnotationsOf
 
 
-def predict(project: Project, model: ModelRef = "latest", *, batch_size: int = 8, factor: int = 4,
+def predict(project: Project, model: ModelRef = "active", *, batch_size: int = 8, factor: int = 4,
             tta: bool = False, mc_samples: int = 0, device: str = "auto", precision: str = "auto",
             progress: Callable[[int, int], None] | None = None, cancel: Cancel | None = None) -> PredictResult:
     """Predict all patches of the current grid with ``model`` and store probabilities and scores.
@@ -79,6 +80,8 @@ def predict(project: Project, model: ModelRef = "latest", *, batch_size: int = 8
     net, config = _load(project, row)
     patches = project.patches()
     _check_patch_size(patches, config, factor, row.id, project.root)
+    check_grid_scale(f"model {row.id}", config_scale(config.target_mpp, config.downsample, config.uncalibrated),
+                     project.slides(), {p.slide_id: p.downsample for p in patches})
     dev = pick_device(device)
     amp = autocast_dtype(dev, precision)
     # Module.to takes memory_format at run time; torch's type stubs do not list it

@@ -100,7 +100,7 @@ def make_ranker(by: str, *, seed: int = 0, labelled: bool | None = None) -> Rank
     raise ValueError(f"unknown ranking {by!r} (iou, entropy, disagreement, mcdropout, random)")
 
 
-def scores_frame(project: Project, model: ModelRef = "latest") -> pd.DataFrame:
+def scores_frame(project: Project, model: ModelRef = "active") -> pd.DataFrame:
     """All stored scores of a model version on the current grid, one row per patch (see :data:`COLUMNS`)."""
     row = project.models.resolve(model)
     gid = project.grid_id()
@@ -145,7 +145,7 @@ def select_top(ranked: pd.DataFrame, fraction: float | None = 0.05, count: int |
     return out.assign(rank=np.arange(1, len(out) + 1))
 
 
-def review_queue(project: Project, model: ModelRef = "latest", *, by: str = "iou",
+def review_queue(project: Project, model: ModelRef = "active", *, by: str = "iou",
                  fraction: float | None = 0.05, count: int | None = None, per_slide: bool = False,
                  seed: int = 0) -> pd.DataFrame:
     """The patches to review next with ``model``'s stored scores (see :func:`make_ranker`, :func:`select_top`)."""

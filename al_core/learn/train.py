@@ -36,6 +36,7 @@ from al_core.learn.model import (
     check_classes,
     config_for,
 )
+from al_core.learn.promote import evaluate_and_promote
 from al_core.learn.recipe import (
     RecipeAugment,
     cached_encoder_weights,
@@ -45,10 +46,14 @@ from al_core.learn.recipe import (
     make_scheduler,
 )
 from al_core.project.models import ModelRef
+from al_core.project.reaper import this_process
+from al_core.project.scale import ModelScale, config_scale, training_scale
 from al_core.project.schema import ModelRow
+from al_core.project.validation import fixed_split, region_of
 
 if TYPE_CHECKING:
     from al_core.project.project import Project
+    from al_core.wsi.grid import GridSpec
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +112,10 @@ class TrainResult:
     device: str
     precision: str
     notes: list[str]
+    #: the scale the model was trained at (:class:`~al_core.project.scale.ModelScale` as plain data)
+    scale: dict[str, Any] | None = None
+    #: the new version against the active one on the fixed validation set (:mod:`al_core.learn.promote`)
+    evaluation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (the checkpoint as a string)."""
@@ -160,7 +169,7 @@ def train(project: Project, options: TrainOptions | None = None, *, from_model: 
     encoder_weights = None if encoder_weights == "none" else encoder_weights
     parent, ckpt, config = _start(project, from_model, encoder, encoder_weights, encoder_depth, decoder_channels)
     data = _training_data(project, config)
-    train_idx, val_idx = split_indices(len(data.ids), opts.val_fraction, opts.seed)
+    train_idx, val_idx = _fixed_split(project, data, opts)
     if not len(val_idx):
         report(Progress("note", message="no validation patches: early stopping and the best checkpoint follow "
                                          "the training loss"))
@@ -176,7 +185,8 @@ def train(project: Project, options: TrainOptions | None = None, *, from_model: 
         on_model(model_id)
     ckpt_file = project.models.folder(model_id) / "model.pt"
     report(Progress("start", message=f"model {model_id}: {len(train_idx)} train / {len(val_idx)} val patches, "
-                                     f"{config.encoder} on {device} ({precision_name(amp)})"))
+                                     f"{config.encoder} on {device} ({precision_name(amp)}) at "
+                                     f"{_config_scale(config).describe()}"))
     saved: list[bool] = []
 
     def on_epoch(entry: dict[str, Any], improved: bool) -> None:
@@ -203,9 +213,16 @@ def train(project: Project, options: TrainOptions | None = None, *, from_model: 
                         if saved else f"training cancelled before an epoch finished; model {model_id} has no "
                                       "checkpoint"))
     wall = _finish(project, model_id, outcome.status, t0)
+    evaluation = None
+    if outcome.status == "done" and saved:
+        evaluation = evaluate_and_promote(project, model_id, ckpt_file, data.images[val_idx], data.masks[val_idx],
+                                          device)
+        report(Progress("note", message=f"model {model_id} {'is now active' if evaluation.promoted else 'was kept back'}"
+                                        f": {evaluation.reason}"))
     result = TrainResult(model_id, outcome.status, ckpt_file if saved else None, outcome.best.get("epoch"),
                          outcome.best, outcome.history, wall, str(device), precision_name(amp),
-                         notes + [n for n in outcome.notes if n not in notes])
+                         notes + [n for n in outcome.notes if n not in notes], _config_scale(config).to_dict(),
+                         evaluation.to_dict() if evaluation else None)
     report(Progress("end", metrics=outcome.best, message=outcome.status))
     return result
 
@@ -217,9 +234,13 @@ def _start(project: Project, from_model: ModelRef, encoder: str | None, encoder_
     spec = project.grid_spec()
     if spec is None:
         raise NoGridError(f"{project.root}: no patch grid yet; cut one before training")
+    scale = _grid_scale(project, spec)
+    at_scale: dict[str, Any] = {"target_mpp": scale.mpp, "downsample": scale.downsample,
+                                "uncalibrated": not scale.calibrated}
     if from_model is None:
-        return None, None, config_for(project.classes(), spec, encoder=encoder, encoder_weights=encoder_weights,
-                                      encoder_depth=encoder_depth, decoder_channels=decoder_channels)
+        return None, None, replace(config_for(project.classes(), spec, encoder=encoder,
+                                              encoder_weights=encoder_weights, encoder_depth=encoder_depth,
+                                              decoder_channels=decoder_channels), **at_scale)
     parent = project.models.resolve(from_model)
     src = project.models.checkpoint(parent)
     ckpt = load_checkpoint(src)
@@ -228,9 +249,29 @@ def _start(project: Project, from_model: ModelRef, encoder: str | None, encoder_
         raise TrainingError(f"model {parent.id} uses encoder {ckpt.config.encoder!r}: continue it with that "
                             f"encoder, or train a new model with {encoder!r}")
     # fully convolutional: the weights carry over to a new grid's patch size
-    config = replace(ckpt.config, patch=spec.patch, target_mpp=spec.target_mpp, downsample=spec.downsample,
-                     grid=spec.to_dict(), encoder_weights=None)
+    config = replace(ckpt.config, patch=spec.patch, grid=spec.to_dict(), encoder_weights=None, **at_scale)
     return parent, ckpt, config
+
+
+def _fixed_split(project: Project, data: _Data, opts: TrainOptions
+                 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Training and validation positions into ``data``: the project's fixed validation set, grown with newly
+    labelled patches (:func:`al_core.project.validation.fixed_split`)."""
+    by_id = {p.id: p for p in project.patches()}
+    split = fixed_split(project.store, [by_id[i] for i in data.ids], opts.val_fraction, opts.seed)
+    return np.asarray(split.train, dtype=np.int64), np.asarray(split.val, dtype=np.int64)
+
+
+def _config_scale(config: ModelConfig) -> ModelScale:
+    scale = config_scale(config.target_mpp, config.downsample, config.uncalibrated)
+    assert scale is not None  # _start always sets one
+    return scale
+
+
+def _grid_scale(project: Project, spec: GridSpec) -> ModelScale:
+    """The µm/px (or uncalibrated downsample) the current grid reads its slides at: the model's scale."""
+    downsamples = {p.slide_id: p.downsample for p in project.patches()}
+    return training_scale(spec, project.slides(), downsamples)
 
 
 def _training_data(project: Project, config: ModelConfig) -> _Data:
@@ -289,12 +330,16 @@ def _open_row(project: Project, parent: ModelRow | None, config: ModelConfig, op
     hparams = asdict(opts) | {"device": str(device), "precision": precision_name(amp),
                               "train_patches": len(train_idx), "val_patches": len(val_idx)}
     label_versions = {s.name: project.labels.version(s.id) for s in project.slides()}
+    pid, host = this_process()  # a run whose process dies is then noticed (al_core.project.reaper)
     with project.store.write() as s:
-        row = ModelRow(parent_id=parent.id if parent else None, status="training",
+        row = ModelRow(parent_id=parent.id if parent else None, status="training", pid=pid, host=host,
                        config=json.dumps(config.to_dict()), label_versions=json.dumps(label_versions),
                        hparams=json.dumps(hparams),
                        patches=json.dumps({"train": [data.ids[i] for i in train_idx],
-                                           "val": [data.ids[i] for i in val_idx]}))
+                                           "val": [data.ids[i] for i in val_idx],
+                                           # the fixed validation set as slide regions (survives a new grid)
+                                           "val_regions": [list(region_of(project.patch(data.ids[i])))
+                                                           for i in val_idx]}))
         s.add(row)
         s.flush()
         return row.id

@@ -25,6 +25,7 @@ from al_core._constants import RESOURCE as RESOURCE
 from al_core._constants import SCHEDULER_ENV as SCHEDULER_ENV
 from al_core.errors import ProjectError
 from al_core.project.project import Project
+from al_core.project.reaper import reap, this_process
 from al_core.project.schema import JobRow
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ def run_job(project_root: str, db_url: str, job_id: int) -> str:
                 row.status, row.finished = "cancelled", time.time()
                 return "cancelled"
             row.status, row.started = "running", time.time()
+            row.pid, row.host = this_process()  # a worker that dies is then noticed (reaper)
             kind, params = row.kind, json.loads(row.params)
         reporter = _Reporter(project, job_id)
         try:
@@ -195,6 +197,7 @@ def job(project: Project, job_id: int) -> JobRow:
 
 def jobs(project: Project, active_only: bool = False, kind: str | None = None) -> list[JobRow]:
     """The project's job rows, oldest first (only queued/running ones, or only one kind, when asked)."""
+    reap(project)  # the queue notices jobs whose process died before it lists them
     q = select(JobRow).order_by(JobRow.id)
     if kind is not None:
         q = q.where(JobRow.kind == kind)
@@ -277,7 +280,9 @@ def _job_predict(project: Project, params: dict[str, Any], report: _Reporter) ->
     from al_core.learn.predict import predict
 
     report({"stage": "predict"}, force=True)
-    return predict(project, params.get("model", "latest")).to_dict()
+    model_id = project.models.resolve(params.get("model", "active")).id
+    _link_model(project, report.job_id)(model_id)
+    return predict(project, model_id).to_dict()
 
 
 JOB_KINDS: dict[str, JobFn] = {"grid": _job_grid, "train": _job_train, "predict": _job_predict}

@@ -10,7 +10,7 @@ import shapely
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
-from al_core.errors import ScaleError
+from al_core.errors import UncalibratedError
 from al_core.project.schema import PatchRow, SlideRow
 from al_core.wsi.grid import GridSpec, grid_boxes, tissue_fractions
 
@@ -26,10 +26,10 @@ def patch_rows(slides: Sequence[SlideRow], spec: GridSpec, tissue: Callable[[Sli
     """The patch rows of ``spec`` over ``slides``: every grid position with at least ``spec.min_tissue``."""
     rows: list[dict[str, Any]] = []
     for slide in slides:
-        try:
-            ds = spec.downsample_for(slide.mpp)
-        except ValueError as err:
-            raise ScaleError(slide.path, str(err)) from err
+        if slide.mpp is None and spec.downsample is None:
+            raise UncalibratedError(slide.name, "has no µm/px metadata (uncalibrated), so a grid in µm cannot "
+                                                "be cut on it; cut the grid at a downsample, or give its µm/px")
+        ds = spec.downsample_for(slide.mpp)
         boxes = grid_boxes(slide.width, slide.height, spec, ds)
         t = tissue(slide)
         frac = tissue_fractions(boxes, t.mask, t.downsample)

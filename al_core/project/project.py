@@ -8,6 +8,7 @@ the module that does the work; heavy modules (torch, ONNX Runtime) are imported 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from sqlalchemy import func, insert, select
 
 from al_core._constants import PROJECT_ENV as PROJECT_ENV
 from al_core._io import atomic_write_bytes
-from al_core.errors import LabelError, ProjectError
+from al_core.errors import LabelError, NoTissueError, ProjectError
 from al_core.project.classes import BACKGROUND, DEFAULT_CLASSES, ClassInfo
 from al_core.project.models import ModelRef, ModelVersions
 from al_core.project.schema import ClassRow, GridRow, PatchRow, SlideRow
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from al_core.project.labels import Annotation, Box, LabelVersions
     from al_core.wsi.slides import Slide
     from al_core.wsi.tissue import TissueMask
+
+log = logging.getLogger(__name__)
 
 DB_NAME = "project.db"
 #: environment variable with an SQLAlchemy URL that replaces the project's SQLite file (shared PostgreSQL)
@@ -140,6 +143,9 @@ class Project:
             if s.scalar(select(SlideRow.id).where(SlideRow.name == row.name)) is not None:
                 raise ProjectError(f"a slide named {row.name!r} is already in the project; give another name")
             s.add(row)
+        if row.mpp is None:
+            log.warning("warning: slide %s (%s) has no µm/px metadata: added as uncalibrated; its patch grid needs "
+                        "a downsample, or give its µm/px", row.name, p)
         return row
 
     def slides(self) -> list[SlideRow]:
@@ -174,12 +180,17 @@ class Project:
     # --- grid ---------------------------------------------------------------------------------------
     def build_grid(self, spec: GridSpec | None = None, **kwargs: Any) -> int:
         """Cut every slide into patches (``spec``, or :class:`GridSpec` fields as keywords) and store them as the
-        project's new grid; returns its id."""
+        project's new grid; returns its id. A spec without a scale is stored at the default µm/px, so the scale
+        a model is trained at is always known; slides without µm/px then need a ``downsample`` grid."""
         from al_core.project.patches import patch_rows
+        from al_core.project.scale import resolve_grid
         from al_core.project.slides import stored_tissue
 
-        spec = spec or GridSpec(**kwargs)
+        spec = resolve_grid(spec or GridSpec(**kwargs))
         rows = patch_rows(self.slides(), spec, stored_tissue)
+        for name in self.slides_without_patches(rows):
+            log.warning("warning: slide %s yields no tissue patches (no tissue found, or none reaching the "
+                        "grid's minimum tissue share); it has no review queue", name)
         with self.store.write() as s:
             grid = GridRow(spec=json.dumps(spec.to_dict()))
             s.add(grid)
@@ -187,6 +198,11 @@ class Project:
             if rows:
                 s.execute(insert(PatchRow), [dict(r, grid_id=grid.id) for r in rows])
             return grid.id
+
+    def slides_without_patches(self, rows: Sequence[dict[str, Any]] | None = None) -> list[str]:
+        """Names of the slides the grid (``rows``, default the current grid) has no patch of."""
+        have = {r["slide_id"] for r in rows} if rows is not None else {p.slide_id for p in self.patches()}
+        return [s.name for s in self.slides() if s.id not in have]
 
     def grid_id(self) -> int | None:
         """The id of the current (newest) grid."""
@@ -260,8 +276,12 @@ class Project:
 
         row = self.slide_row(slide)
         tissue = stored_tissue(row)
+        if not tissue.mask.any():
+            raise NoTissueError(row.name, "no tissue was found on the slide, so there is nothing to pre-annotate")
         with open_registered(row) as s:
             shapes = preannotate(s, class_idx, tissue.mask, tissue.downsample)
+        if not shapes:
+            raise NoTissueError(row.name, "the hematoxylin threshold found nothing in its tissue; no label made")
         version = self.labels.add(row.id, shapes, author=author, source="hematoxylin threshold",
                                   message="pre-annotation (uncorrected)")
         return version, sum(g.area for _, g in shapes) / (row.width * row.height)
@@ -290,7 +310,7 @@ class Project:
         patch = self.patch(patch_id) if patch_id is not None else None
         return self.labels.correct(row.id, region, class_idx, author=author, patch=patch, base_version=base_version)
 
-    def accept_prediction(self, patch_id: int, model: ModelRef = "latest", *, author: str = "script",
+    def accept_prediction(self, patch_id: int, model: ModelRef = "active", *, author: str = "script",
                           region: BaseGeometry | None = None, base_version: int | None = None) -> int:
         """Take the model's stored prediction as the label of the patch (or only inside ``region``)."""
         from al_core.project.patches import patch_box
@@ -386,30 +406,33 @@ class Project:
         opts = options or TrainOptions(**{k: v for k, v in kwargs.items() if k in fields})
         return train(self, opts, **{k: v for k, v in kwargs.items() if k not in fields})
 
-    def predict(self, model: ModelRef = "latest", **kwargs: Any) -> PredictResult:
+    def predict(self, model: ModelRef = "active", **kwargs: Any) -> PredictResult:
         """Predict every patch of the grid and store probabilities and scores (:func:`al_core.learn.predict.predict`)."""
         from al_core.learn.predict import predict
 
         return predict(self, model, **kwargs)
 
-    def review_queue(self, model: ModelRef = "latest", **kwargs: Any) -> pd.DataFrame:
+    def review_queue(self, model: ModelRef = "active", **kwargs: Any) -> pd.DataFrame:
         """The patches to review next, worst IoU first (:func:`al_core.learn.rank.review_queue`)."""
         from al_core.learn.rank import review_queue
 
         return review_queue(self, model, **kwargs)
 
-    def metrics(self, model: ModelRef = "latest", **kwargs: Any) -> dict[str, Any]:
+    def metrics(self, model: ModelRef = "active", **kwargs: Any) -> dict[str, Any]:
         """The paper's metric set of a model version (:func:`al_core.learn.evaluate.stored_metrics`)."""
         from al_core.learn.evaluate import stored_metrics
 
         return stored_metrics(self, model, **kwargs)
 
-    def export(self, out: str | os.PathLike[str], model: ModelRef = "latest", *, push: str | None = None,
-               overwrite: bool = False, overlap: int | None = None) -> ExportResult:
-        """Export a model version to ONNX (settings in its metadata); ``push`` also deploys it under that name."""
+    def export(self, out: str | os.PathLike[str], model: ModelRef = "active", *, push: str | None = None,
+               overwrite: bool = False, overlap: int | None = None, mpp: float | None = None,
+               downsample: float | None = None) -> ExportResult:
+        """Export a model version to ONNX (settings in its metadata); ``push`` also deploys it under that name;
+        ``mpp``/``downsample``: the training scale of a model that has none recorded."""
         from al_core.deploy.project_export import export_project_model
 
-        return export_project_model(self, model, out, push=push, overwrite=overwrite, overlap=overlap)
+        return export_project_model(self, model, out, push=push, overwrite=overwrite, overlap=overlap, mpp=mpp,
+                                    downsample=downsample)
 
     def deployed(self) -> list[DeployedModel]:
         """The project's deployed (pushed) models, newest first."""

@@ -173,6 +173,9 @@ class ModelRow(Base):
     patches: Mapped[str] = mapped_column(Text, default="{}")
     wall_time: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: the process training it (pid on ``host``), so a run whose process died is marked failed
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    host: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
 
 class PatchScoreRow(Base):
@@ -215,6 +218,9 @@ class JobRow(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     #: the model version a train job made (set by the job as soon as the model row exists)
     model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"), nullable=True)
+    #: the worker process running it (pid on ``host``), so a job whose process died is marked failed
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    host: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
 
 def row_dict(row: Any) -> dict[str, Any]:

@@ -20,7 +20,8 @@ def project_status(project: Project) -> dict[str, Any]:
         n_lab = sum(1 for p in mine if p.id in labelled)
         slides.append({
             "id": r.id, "name": r.name, "path": r.path, "width": r.width, "height": r.height,
-            "levels": r.levels, "mpp": r.mpp, "objective_power": r.objective_power, "vendor": r.vendor,
+            "levels": r.levels, "mpp": r.mpp, "calibrated": r.mpp is not None,
+            "objective_power": r.objective_power, "vendor": r.vendor,
             "tissue_fraction": round(r.tissue_fraction or 0.0, 4),
             "patches": len(mine), "labelled": n_lab, "unlabelled": len(mine) - n_lab,
             "label_version": project.labels.version(r.id), "file_present": Path(r.path).exists(),

@@ -16,7 +16,7 @@ from al_core.errors import ProjectError, SchemaError
 from al_core.project.schema import Base, Meta, utcnow
 
 #: schema of the tables in :mod:`al_core.project.schema`; bump it with a migration in :data:`MIGRATIONS`
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 APP_ID = "slideloop"
 
 #: a migration from schema N to N+1, run inside the upgrade transaction
@@ -41,7 +41,14 @@ def _v2_to_v3(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE slides ADD COLUMN tags TEXT"))
 
 
-MIGRATIONS: dict[int, Migration] = {1: _v1_to_v2, 2: _v2_to_v3}
+def _v3_to_v4(conn: Connection) -> None:
+    """Jobs and model rows record the process running them, so a dead one is noticed."""
+    for table in ("jobs", "models"):
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN pid INTEGER"))
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN host VARCHAR(255)"))
+
+
+MIGRATIONS: dict[int, Migration] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 _IMMEDIATE = {"slideloop_immediate": True}
 

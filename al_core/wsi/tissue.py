@@ -1,4 +1,5 @@
-"""Tissue detection on a low-resolution image of the slide (saturation + Otsu + morphology)."""
+"""Tissue detection on a low-resolution image of the slide (saturation + Otsu + morphology), with an optical
+density fallback (scikit-image's HED colour deconvolution) for IHC and faint fragments."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import numpy.typing as npt
+from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
 from skimage.morphology import closing, disk, opening, remove_small_holes, remove_small_objects
 
@@ -19,6 +21,11 @@ TISSUE_MPP = 8.0
 TISSUE_DOWNSAMPLE = 16.0
 #: and at most this many pixels on its long side
 TISSUE_MAX_SIZE = 4096
+#: below this share of saturated tissue the slide is treated as weakly stained (IHC, faint fragments) and its
+#: stain optical density decides instead: DAB + hematoxylin on IHC are dark but barely saturated
+FAINT_FRACTION = 0.02
+#: stain optical density (sum of H, E, DAB; skimage's scale) that glass never reaches above its own level
+OD_FLOOR = 0.012
 
 
 @dataclass(frozen=True)
@@ -46,11 +53,37 @@ def tissue_mask_from_rgb(rgb: npt.NDArray[np.uint8], pixel_um: float | None = No
         raise ValueError(f"expected an RGB image, got shape {rgb.shape}")
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
     sat = cv2.GaussianBlur(hsv[..., 1], (0, 0), 1.0)
-    if int(sat.max()) - int(sat.min()) < 8:  # flat image: all glass or all tissue, Otsu would split noise
+    if int(sat.max()) - int(sat.min()) < 8 and _flat(rgb):  # all glass or all tissue: Otsu would split noise
         return np.full(sat.shape, bool(sat.mean() > 40), dtype=bool)
     # glass is never strongly coloured: keep the threshold above a floor so a nearly blank slide stays blank
     thr = max(float(threshold_otsu(sat)), 15.0)
     mask = (sat > thr) & (hsv[..., 2] > 38)
+    if mask.mean() < FAINT_FRACTION:
+        mask |= stain_density_mask(rgb) & (hsv[..., 2] > 38)
+    return _clean(mask, pixel_um)
+
+
+def _flat(rgb: npt.NDArray[np.uint8]) -> bool:
+    """Whether the image is one tone (its grey values span fewer than 8 levels after a light blur)."""
+    grey = cv2.GaussianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (0, 0), 1.0)
+    return int(grey.max()) - int(grey.min()) < 8
+
+
+def stain_density_mask(rgb: npt.NDArray[np.uint8]) -> BoolArray:
+    """Pixels whose stain optical density (H + E + DAB from :func:`skimage.color.rgb2hed`, above the glass
+    level) Otsu separates from glass: finds tissue that is dark but not coloured (IHC, pale fragments)."""
+    hed = rgb2hed(rgb)
+    od = cv2.GaussianBlur(np.clip(hed, 0, None).sum(-1).astype(np.float32), (0, 0), 1.0)
+    glass = float(np.percentile(od, 5))  # the lightest pixels are glass on any slide with a margin
+    od -= glass
+    if float(od.max()) < OD_FLOOR:
+        return np.zeros(od.shape, dtype=bool)
+    thr = max(float(threshold_otsu(od)), OD_FLOOR)
+    return np.asarray(od > thr, dtype=bool)
+
+
+def _clean(mask: BoolArray, pixel_um: float | None) -> BoolArray:
+    """Morphology at the mask's scale: close gaps, drop dust, fill small lumina."""
     um = pixel_um or TISSUE_MPP
     radius = max(1, round(16.0 / um))
     mask = closing(mask, disk(radius))

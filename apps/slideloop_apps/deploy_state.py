@@ -26,6 +26,7 @@ from al_core.project.uploads import add_uploaded_slide
 from al_core.tiles.pyramid import Pyramid
 from slideloop_apps import PROJECT_ENV
 from slideloop_apps.state import tiles_root
+from slideloop_apps.ui import slide_label
 
 #: seconds between progress updates sent to the page (a large slide reports thousands of batches)
 PROGRESS_EVERY = 0.1
@@ -115,12 +116,12 @@ class DeployState(HasTraits):
         elif isinstance(mag, int | float):
             scale = f"{mag:g}x"
         else:
-            scale = f"downsample {cfg.get('downsample') or 1:g}"
+            scale = f"downsample {cfg.get('downsample') or 1:g}" + (" (uncalibrated)" if cfg.get("uncalibrated") else "")
         return f"{size} px patches at {scale}, overlap {cfg.get('overlap', 0)} px · classes: {classes}"
 
     def slide_choices(self) -> list[tuple[str, int]]:
         """(name, ID) of each project slide for the slide picker."""
-        return [(r.name, r.id) for r in self.project.slides()]
+        return [(slide_label(r.name, r.mpp), r.id) for r in self.project.slides()]
 
     def pyramid(self) -> Pyramid:
         """The chosen slide's tile geometry."""

@@ -23,6 +23,7 @@ from ipyleaflet import (
 from shapely.geometry import mapping
 
 from al_core.errors import SlideloopError
+from slideloop_apps.model_choice import ModelSwitcher
 from slideloop_apps.review_tools import ACCEPT_COLOUR, ERASE_COLOUR, ToolPanel
 from slideloop_apps.state import ACCEPT, ZOOM_SNAP, AppState, QueueItem, fit_zoom, patch_center, patch_outline
 from slideloop_apps.ui import message_html, scale_bar_html
@@ -83,6 +84,7 @@ class ReviewApp(w.VBox):
         self.slide_picker = w.Dropdown(options=state.slide_choices(), value=state.slide_id, description="Slide",
                                        layout=w.Layout(width="100%")).add_class("slideloop-slide")
         self.model_note = w.HTML().add_class("slideloop-model")
+        self.model_switch = ModelSwitcher(state)  # which model ranks the queue; any version and back
         self.label_opacity = _opacity(0.9, "slideloop-label-opacity")
         self.pred_opacity = _opacity(0.35, "slideloop-pred-opacity")
         self.error_opacity = _opacity(0.8, "slideloop-error-opacity")
@@ -117,7 +119,7 @@ class ReviewApp(w.VBox):
             + [self.label_opacity, self.pred_opacity, self.error_opacity],
             layout=w.Layout(grid_template_columns="repeat(3, 1fr)", grid_gap="0 6px", width="100%"))
         panel = w.VBox([
-            self.slide_picker, self.model_note,
+            self.slide_picker, self.model_note, self.model_switch,
             w.HTML("<h4>Overlays</h4>"), opacities, w.HTML(_LEGEND),
             w.HTML("<h4>Correct</h4>"), self.mode, self.tool_panel,
             w.HBox([self.undo_btn, self.redo_btn, self.save_btn, self.accept_btn]),

@@ -26,6 +26,7 @@ from al_core.project.project import PROJECT_ENV, Project
 from al_core.project.schema import PatchRow
 from al_core.tiles.pyramid import Pyramid
 from slideloop_apps import BASE_URL_ENV, ROUTE_PREFIX
+from slideloop_apps.ui import slide_label
 
 AUTHOR_ENV = "SLIDELOOP_AUTHOR"
 #: the pending mode of a region where the label takes the model's prediction (accept inside a region)
@@ -123,7 +124,7 @@ class AppState(HasTraits):
 
     def slide_choices(self) -> list[tuple[str, int]]:
         """(name, ID) of each project slide for the slide picker."""
-        return [(r.name, r.id) for r in self.project.slides()]
+        return [(slide_label(r.name, r.mpp), r.id) for r in self.project.slides()]
 
     def pyramid(self, slide_id: int | None = None) -> Pyramid:
         """The tile geometry of a slide (default: the current one)."""
@@ -140,6 +141,10 @@ class AppState(HasTraits):
         if not Path(row.path).is_file():
             return (f"The file of slide '{row.name}' is missing ({Path(row.path).name} was moved or deleted "
                     "after it was registered): its image cannot be shown; labels, queue and drawing still work.")
+        if self.project.grid_id() is not None and not self.project.patches(row.id):
+            return (f"Slide '{row.name}' has no tissue patches in the grid (no tissue was found on it, or none "
+                    "reaching the grid's minimum tissue share), so it has no review queue; the queue lists "
+                    "other slides' patches only.")
         return None
 
     def tile_urls(self) -> dict[str, str]:
@@ -167,14 +172,14 @@ class AppState(HasTraits):
         return smooth_contours(classes, (patch.x, patch.y), patch.size / classes.shape[1])
 
     def latest_model_id(self) -> int | None:
-        """The newest finished model of the project, if one was trained."""
+        """The project's active model (the newest finished one where none was chosen), if one was trained."""
         try:
-            return self.project.models.resolve("latest").id
+            return self.project.models.resolve("active").id
         except NoModelError:
             return None
 
     def use_model(self, model_id: int | None = None) -> None:
-        """Rank the queue and draw the overlay with ``model_id`` (default: the newest finished model), e.g.
+        """Rank the queue and draw the overlay with ``model_id`` (default: the project's active model), e.g.
         after a training run finished; the queue is re-ranked from scratch."""
         self.model_id = self.latest_model_id() if model_id is None else model_id
         self.refresh_queue()

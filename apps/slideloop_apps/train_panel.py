@@ -21,6 +21,8 @@ from typing import Any
 import ipywidgets as w
 
 from al_core.project import jobs
+from al_core.project.schema import ModelRow
+from slideloop_apps.model_choice import KeptBack, evaluation_of
 from slideloop_apps.state import AppState
 from slideloop_apps.training import (
     ENCODERS,
@@ -95,6 +97,7 @@ class TrainPanel(w.VBox):
         self.curve_caption = w.HTML().add_class("slideloop-curve-caption")
         self.compare = w.HTML().add_class("slideloop-compare")
         self.models = w.HTML().add_class("slideloop-models")
+        self.kept = KeptBack(state)
         self.from_model.observe(lambda _: self._sync_encoder(), names="value")
 
         controls = w.VBox([w.HTML("<h4>Train</h4>"), self.from_model, self.encoder, self.epochs, self.batch,
@@ -103,7 +106,7 @@ class TrainPanel(w.VBox):
         run = w.VBox([w.HTML("<h4>Run</h4>"), self.status, self.progress, self.timing,
                       w.HTML("<h4>Learning curves</h4>"), self.curves, self.curve_caption],
                      layout=w.Layout(flex="1 1 auto", padding="0 0 0 16px"))
-        super().__init__([w.HTML(_TABLE_CSS), w.HBox([controls, run]), w.HTML("<h4>Against the parent</h4>"),
+        super().__init__([w.HTML(_TABLE_CSS), w.HBox([controls, run]), self.kept, w.HTML("<h4>Against the parent</h4>"),
                           self.compare, w.HTML("<h4>Model versions</h4>"), self.models], **kwargs)
         self.add_class("slideloop-train-panel")
         self.train_btn.on_click(self._on_train)
@@ -154,13 +157,17 @@ class TrainPanel(w.VBox):
             self._show_curves(view)
             if view.status == "done" and view.model_id is not None and self._applied != view.job_id:
                 self._applied = view.job_id
-                self.state.use_model(view.model_id)
-                self.state.say(f"Training job {view.job_id} finished: model {view.model_id} ranks the queue now.")
+                self.state.use_model()  # the active model: the new one only if it was promoted
+                self.state.say(_finished(view, self._model_row(view)), "ok" if self.state.model_id == view.model_id else "warning")
                 self._show_models(view, force=True)
+            self.kept.refresh()
             if view.status == "done" and view.model_id is not None:
                 self._show_compare(view)
 
     # --- state → widgets -------------------------------------------------------------------------
+    def _model_row(self, v: RunView) -> ModelRow | None:
+        return None if v.model_id is None else self.state.project.models.get(v.model_id)
+
     def _say(self, text: str, level: str = "info") -> None:
         value = message_html(text, level)
         if self.status.value != value:
@@ -191,7 +198,8 @@ class TrainPanel(w.VBox):
                 text += f", loss {v.loss:.3f}"
             text += "."
         elif v.status == "done":
-            text, level = f"Job {v.job_id} finished: model {v.model_id} ranks the queue now.", "ok"
+            text = _finished(v, self._model_row(v))
+            level = "ok" if self.state.model_id == v.model_id else "warning"
         elif v.status == "cancelled":
             text, level = f"Job {v.job_id} was cancelled; {keep}.", "warning"
         else:
@@ -391,6 +399,15 @@ def render_curves(history: list[dict[str, Any]], epochs: int) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _finished(v: RunView, row: ModelRow | None) -> str:
+    """What a finished run did to the queue: its model ranks it, or it was kept back (and why)."""
+    ev = evaluation_of(row) if row is not None else {}
+    if ev and not ev.get("promoted"):
+        return (f"Job {v.job_id} finished: model {v.model_id} was kept back ({ev.get('reason')}); "
+                f"model {ev.get('active_id')} still ranks the queue.")
+    return f"Job {v.job_id} finished: model {v.model_id} ranks the queue now."
 
 
 def _clock(seconds: float) -> str:

@@ -18,6 +18,8 @@ def scale_bar_html(mpp: float | None, level0_px_per_screen_px: float) -> str:
     unit_per_px, unit = (mpp * level0_px_per_screen_px, "µm") if mpp else (level0_px_per_screen_px, "px")
     length = next((s for s in SCALE_STEPS if s / unit_per_px >= 60), SCALE_STEPS[-1])
     label = f"{length / 1000:g} mm" if unit == "µm" and length >= 1000 else f"{length:g} {unit}"
+    if not mpp:  # slide pixels are no physical length: say so, not just "px"
+        label += " (uncalibrated: no µm/px)"
     width = max(1, round(length / unit_per_px))
     return (f"<div style='background:rgba(255,255,255,.85);padding:2px 6px;font:12px sans-serif'>"
             f"<div style='width:{width}px;height:6px;border:2px solid #222;border-top:none'></div>{label}</div>")
@@ -30,3 +32,8 @@ def message_html(text: str, level: str = "info") -> str:
     fg, bg = LEVEL_STYLE.get(level, LEVEL_STYLE["info"])
     return (f"<div style='color:{fg};background:{bg};border-left:4px solid {fg};"
             f"padding:6px 10px;margin:4px 0;white-space:pre-wrap'>{html.escape(text)}</div>")
+
+
+def slide_label(name: str, mpp: float | None) -> str:
+    """A slide picker entry: the name, marked when the slide has no µm/px (uncalibrated)."""
+    return name if mpp else f"{name} (uncalibrated)"

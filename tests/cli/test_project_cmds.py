@@ -75,8 +75,8 @@ def test_slide_without_mpp_gets_the_cli_hint(tmp_path):
     Image.fromarray(tissue_image(600, 400)).save(png)
     run_cli("add", str(proj), str(png))
     res = run_cli("grid", str(proj), "--patch", "64", "--target-mpp", "2", check=False)
-    assert res.returncode == 2 and "no microns-per-pixel metadata" in res.stderr
-    assert "(give the slide's µm per pixel with --mpp" in res.stderr
+    assert res.returncode == 2 and "tile: has no µm/px metadata (uncalibrated)" in res.stderr
+    assert "grid it with --downsample N" in res.stderr and "add the slide again with --mpp" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     # a downsample needs no scale; --mpp on add gives one
     run_cli("grid", str(proj), "--patch", "64", "--downsample", "2")

@@ -50,7 +50,7 @@ def test_model_references(trained):
         assert proj.models.resolve(None).id == proj.models.resolve(str(mid)).id == proj.models.resolve(mid).id
         with pytest.raises(Exception, match="no model 9"):
             proj.models.resolve(9)
-        with pytest.raises(ValueError, match="expected 'latest' or a model id"):
+        with pytest.raises(ValueError, match="expected 'active', 'latest' or a model id"):
             proj.models.resolve("newest")
 
 

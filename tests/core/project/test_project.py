@@ -32,7 +32,8 @@ def test_grid_and_status(project, sample_geojson, sample_pyramid):
     assert by["pyramid"]["labelled"] == 0
     for p in project.patches():
         assert p.tissue >= 0.25 and p.size == round(256 * 1.0 / 0.499) and p.patch == 256
-    assert st["grid"] == GridSpec(patch=256).to_dict() and st["grid"]["overlap"] == 64
+    # a spec without a scale is stored at the default µm/px: the scale a model trains at is always known
+    assert st["grid"] == GridSpec(patch=256, target_mpp=1.0).to_dict() and st["grid"]["overlap"] == 64
 
 
 def test_slides_by_id_and_name(project, sample_svs):
