@@ -56,6 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = hint_for(err)
         print(f"slideloop {args.command}: error: {err}" + (f" ({hint})" if hint else ""), file=sys.stderr)
         return 2
+    except OSError as err:  # a read-only folder, a full disk: one line naming the file, not a traceback
+        if args.verbose:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"slideloop {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"slideloop {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -18,7 +18,9 @@ import numpy as np
 import numpy.typing as npt
 from shapely.geometry.base import BaseGeometry
 from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
 
+from al_core._guards import check_free_space, check_output
 from al_core._io import atomic_write_bytes
 from al_core.errors import LabelError, ProjectError
 from al_core.project.classes import BACKGROUND, DEFAULT_CLASSES, ClassInfo
@@ -128,10 +130,14 @@ class Project:
         """Register a slide file (its metadata and tissue mask); ``mpp`` supplies or overrides its µm/px."""
         p = Path(path).resolve()
         row = describe_slide(p, name or slide_name_for(p), mpp)
-        with self.store.write() as s:
-            if s.scalar(select(SlideRow.id).where(SlideRow.name == row.name)) is not None:
-                raise ProjectError(f"a slide named {row.name!r} is already in the project; give another name")
-            s.add(row)
+        taken = ProjectError(f"a slide named {row.name!r} is already in the project; give another name")
+        try:
+            with self.store.write() as s:
+                if s.scalar(select(SlideRow.id).where(SlideRow.name == row.name)) is not None:
+                    raise taken
+                s.add(row)
+        except IntegrityError as err:  # another process added the same name between our check and commit
+            raise taken from err
         return row
 
     def slides(self) -> list[SlideRow]:
@@ -165,6 +171,8 @@ class Project:
         project's new grid; returns its id."""
         spec = spec or GridSpec(**kwargs)
         rows = patch_rows(self.slides(), spec, stored_tissue)
+        check_free_space(self.root, len(rows) * spec.patch ** 2 * 3,
+                         f"the patch cache of this grid ({len(rows):,} patches of {spec.patch} px)")
         with self.store.write() as s:
             grid = GridRow(spec=json.dumps(spec.to_dict()))
             s.add(grid)
@@ -227,6 +235,7 @@ class Project:
         slides = [self.slide_row(slide)] if slide else self.slides()
         if len(slides) != 1:
             raise ProjectError("the project has several slides; choose the slide to export")
+        check_output(out, what="GeoJSON")
         classes = {c.idx: c for c in self.classes()}
         shapes = [(a.geometry, classes[a.class_idx].name, classes[a.class_idx].color)
                   for a in self.labels.annotations(slides[0].id)]

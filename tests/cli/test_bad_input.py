@@ -1,0 +1,152 @@
+"""The probe's bad inputs, each run as a user would (the CLI as a subprocess): a non-zero exit, one line naming
+the file and the problem, no traceback, and the project still readable with its managed files unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import SAMPLE_GEOJSON, SAMPLE_SVS, run_cli
+
+
+def _build(root: Path) -> Path:
+    """A small project: the sample slide labelled, a 64 px grid, a tiny model (its checkpoint written directly)
+    and its predictions, plus the model exported to ONNX beside the project."""
+    import torch
+
+    from al_core.learn.checkpoint import save_checkpoint
+    from al_core.learn.model import build_model, config_for
+    from al_core.project.project import Project
+    from al_core.project.schema import ModelRow
+
+    proj_dir = root / "P"
+    run_cli("init", str(proj_dir), "--classes", "Epithelium:#c80000")
+    run_cli("add", str(proj_dir), str(SAMPLE_SVS))
+    run_cli("grid", str(proj_dir), "--patch", "64", "--overlap", "16", "--target-mpp", "2.0")
+    run_cli("labels", "import", str(proj_dir), str(SAMPLE_GEOJSON))
+    with Project.open(proj_dir) as proj:
+        cfg = config_for(proj.classes(), proj.grid_spec(), encoder="tu-mobilenetv3_small_050", encoder_depth=3,
+                         decoder_channels=(32, 16, 8))
+        torch.manual_seed(0)
+        save_checkpoint(proj_dir / "models" / "1" / "model.pt", build_model(cfg), cfg)
+        with proj.store.write() as s:
+            s.add(ModelRow(status="done", checkpoint="models/1/model.pt", config=json.dumps(cfg.to_dict())))
+    run_cli("predict", str(proj_dir))
+    run_cli("export", str(proj_dir), "-o", str(root / "m.onnx"))
+    return proj_dir
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory.mktemp("probe"))
+
+
+@pytest.fixture
+def project(built: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the built project (cases may damage it) with the ONNX model beside it."""
+    shutil.copytree(built, tmp_path / "P")
+    shutil.copy(built.parent / "m.onnx", tmp_path / "m.onnx")
+    return tmp_path / "P"
+
+
+def fingerprint(proj: Path) -> dict[str, str]:
+    """sha256 of every file the project manages except the database (whose pages SQLite may rewrite), and
+    the database's content as ``status --json`` shows it."""
+    files = {str(f.relative_to(proj)): hashlib.sha256(f.read_bytes()).hexdigest()
+             for f in sorted(proj.rglob("*")) if f.is_file() and not f.name.startswith("project.db")
+             and f.parts[-3:-1] != ("snapshots",)}
+    from al_core.project.project import Project
+
+    with Project.open(proj) as opened:
+        files["status"] = json.dumps(opened.status(), default=str)
+    return files
+
+
+@dataclass(frozen=True)
+class Case:
+    """A bad input: the CLI arguments (``{P}`` the project, ``{D}`` its parent, ``{S}`` the sample slide), what
+    to do to the project first, and words the one-line error must hold."""
+
+    args: tuple[str, ...]
+    says: str
+    prepare: Callable[[Path], None] | None = None
+    intact: bool = True  # the project's files are unchanged afterwards
+
+
+def _touch(name: str) -> Callable[[Path], None]:
+    return lambda p: (p.parent / name).write_text("a file, not a folder")
+
+
+OUTPUTS = {
+    "labels-export-over-db": Case(("labels", "export", "{P}", "-o", "{P}/project.db"), "managed by the project"),
+    "labels-export-over-wal": Case(("labels", "export", "{P}", "-o", "{P}/models/../project.db-wal"),
+                                   "managed by the project"),
+    "export-over-checkpoint": Case(("export", "{P}", "-o", "{P}/models/1/model.pt"), "managed by the project"),
+    "rank-csv-into-cache": Case(("rank", "{P}", "--csv", "{P}/cache/grid-1/queue.csv"), "managed by the project"),
+    "infer-into-deployed": Case(("infer", "{D}/m.onnx", "{S}", "-o", "{P}/deployed/x.tiff"), "managed by the project"),
+    "infer-into-predictions": Case(("infer", "{D}/m.onnx", "{S}", "-o", "{P}/predictions"), "managed by the project"),
+    "labels-export-under-a-file": Case(("labels", "export", "{P}", "-o", "{D}/afile/x.geojson"), "not a folder",
+                                       _touch("afile")),
+    "labels-export-unwritable": Case(("labels", "export", "{P}", "-o", "/proc/x.geojson"), "cannot write"),
+    "export-unwritable": Case(("export", "{P}", "-o", "/proc/m.onnx"), "cannot write"),
+    "rank-csv-unwritable": Case(("rank", "{P}", "--csv", "/proc/queue.csv"), "cannot write"),
+    "infer-folder-unwritable": Case(("infer", "{D}/m.onnx", "{S}", "-o", "/proc/out"), "cannot write"),
+    "infer-folder-is-a-file": Case(("infer", "{D}/m.onnx", "{S}", "-o", "{D}/afile"), "is a file",
+                                   _touch("afile")),
+}
+
+CASES: dict[str, Case] = {**OUTPUTS}
+
+
+def run_case(case: Case, proj: Path) -> subprocess.CompletedProcess[str]:
+    """Prepare and run one case; returns the finished process."""
+    if case.prepare is not None:
+        case.prepare(proj)
+    subst = {"{P}": str(proj), "{D}": str(proj.parent), "{S}": str(SAMPLE_SVS)}
+    args = []
+    for a in case.args:
+        for k, v in subst.items():
+            a = a.replace(k, v)
+        args.append(a)
+    return run_cli(*args, check=False)
+
+
+def assert_clean(proc: subprocess.CompletedProcess[str], says: str) -> None:
+    """Exit status 2, one ``error:`` line holding ``says``, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ": error: " in ln]
+    assert len(errors) == 1, proc.stderr
+    assert says in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_probe_case_is_refused_cleanly(name: str, project: Path) -> None:
+    case = CASES[name]
+    before = fingerprint(project)
+    proc = run_case(case, project)
+    assert_clean(proc, case.says)
+    if case.intact:
+        assert fingerprint(project) == before
+
+
+def test_parallel_adds_of_one_name_leave_one_slide(project: Path) -> None:
+    script = Path(sys.executable).with_name("slideloop")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "al_core.cli"]
+    procs = [subprocess.Popen([*cmd, "add", str(project), str(SAMPLE_SVS), "--name", "same"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [(p.wait(timeout=300), p.stderr.read() if p.stderr else "") for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 2, 2, 2], results
+    for rc, err in results:
+        assert "Traceback" not in err
+        if rc:
+            assert "already in the project" in err
+    status = json.loads(run_cli("status", str(project), "--json").stdout)
+    assert [s["name"] for s in status["slides"]].count("same") == 1
