@@ -10,7 +10,7 @@ import shapely
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
-from al_core.errors import ScaleError
+from al_core.errors import GridError, ScaleError
 from al_core.project.schema import PatchRow, SlideRow
 from al_core.wsi.grid import GridSpec, grid_boxes, tissue_fractions
 from al_core.wsi.tissue import TissueMask
@@ -26,9 +26,11 @@ def patch_rows(slides: Sequence[SlideRow], spec: GridSpec, tissue: Callable[[Sli
     for slide in slides:
         try:
             ds = spec.downsample_for(slide.mpp)
+            boxes = grid_boxes(slide.width, slide.height, spec, ds)
+        except GridError as err:
+            raise GridError(f"slide {slide.name!r}: {err}") from None
         except ValueError as err:
             raise ScaleError(slide.path, str(err)) from err
-        boxes = grid_boxes(slide.width, slide.height, spec, ds)
         t = tissue(slide)
         frac = tissue_fractions(boxes, t.mask, t.downsample)
         rows.extend(

@@ -102,7 +102,17 @@ OUTPUTS = {
                                    _touch("afile")),
 }
 
-CASES: dict[str, Case] = {**OUTPUTS}
+RESOURCES = {
+    "grid-enlarged-1000x": Case(("grid", "{P}", "--patch", "4096", "--downsample", "0.001"), "the limit is 0.25"),
+    "grid-too-many-patches": Case(("grid", "{P}", "--patch", "64", "--overlap", "63", "--downsample", "0.25"),
+                                  "the limit is 1,000,000"),
+    "grid-cache-beyond-the-disk": Case(("grid", "{P}", "--patch", "4096", "--overlap", "4080", "--downsample",
+                                        "0.25", "--min-tissue", "0"), "TB, "),
+    "grid-patch-too-large": Case(("grid", "{P}", "--patch", "100000"), "at most 4096 px"),
+    "grid-target-mpp-enlarging": Case(("grid", "{P}", "--target-mpp", "0.001"), "the limit is 0.25"),
+}
+
+CASES: dict[str, Case] = {**OUTPUTS, **RESOURCES}
 
 
 def run_case(case: Case, proj: Path) -> subprocess.CompletedProcess[str]:
