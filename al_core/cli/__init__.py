@@ -9,11 +9,11 @@ import sys
 from collections.abc import Sequence
 
 from al_core import __version__
-from al_core.errors import NoGridError, NoModelError, ScaleError, SlideloopError
+from al_core.errors import DatabaseError, NoGridError, NoModelError, ScaleError, SlideloopError
 
 #: modules whose ``register`` adds subcommands, in help order
 COMMAND_MODULES = ("al_core.cli.project_cmds", "al_core.cli.model_cmds", "al_core.cli.app_cmds",
-                   "al_core.cli.deploy_cmds")
+                   "al_core.cli.deploy_cmds", "al_core.cli.repair_cmds")
 
 
 #: what to type next, after the core's own message, per error type (the core speaks in domain words only)
@@ -21,6 +21,7 @@ HINTS: dict[type[BaseException], str] = {
     ScaleError: "give the slide's µm per pixel with --mpp (e.g. 0.25 for 40x)",
     NoGridError: "cut the patch grid with 'slideloop grid PROJECT'",
     NoModelError: "train one with 'slideloop train PROJECT' (then 'slideloop predict PROJECT')",
+    DatabaseError: "'slideloop restore PROJECT' puts back the newest sound snapshot, if there is one",
 }
 
 

@@ -20,9 +20,17 @@ def add_json_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
+#: commands that rewrite much of the database: each first snapshots it (``slideloop restore`` goes back)
+SNAPSHOT_BEFORE = frozenset({"add", "grid", "labels import", "labels preannotate", "train", "predict"})
+
+
 def open_project(args: argparse.Namespace) -> Project:
-    """The project the command names."""
-    return Project.open(args.project)
+    """The project the command names (snapshotted first if the command is in :data:`SNAPSHOT_BEFORE`)."""
+    proj = Project.open(args.project)
+    command = " ".join(c for c in (args.command, getattr(args, "labels_command", None)) if c)
+    if command in SNAPSHOT_BEFORE:
+        proj.snapshot(command)
+    return proj
 
 
 def model_ref(value: str | None) -> int | str | None:

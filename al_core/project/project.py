@@ -110,6 +110,14 @@ class Project:
         """Release the database connections."""
         self.store.dispose()
 
+    def snapshot(self, reason: str) -> Path | None:
+        """Copy the SQLite database into ``snapshots/`` to restore from later (:mod:`al_core.project.integrity`);
+        ``None`` on a server database or a disk too full for the copy."""
+        from al_core.project.integrity import take_snapshot
+
+        snap = take_snapshot(self.store.file, reason) if self.store.file is not None else None
+        return None if snap is None else snap.path
+
     def __enter__(self) -> Project:
         return self
 

@@ -3,9 +3,12 @@ the file and the problem, no traceback, and the project still readable with its 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import random
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -61,7 +64,7 @@ def fingerprint(proj: Path) -> dict[str, str]:
     the database's content as ``status --json`` shows it."""
     files = {str(f.relative_to(proj)): hashlib.sha256(f.read_bytes()).hexdigest()
              for f in sorted(proj.rglob("*")) if f.is_file() and not f.name.startswith("project.db")
-             and f.parts[-3:-1] != ("snapshots",)}
+             and "snapshots" not in f.relative_to(proj).parts}
     from al_core.project.project import Project
 
     with Project.open(proj) as opened:
@@ -112,7 +115,46 @@ RESOURCES = {
     "grid-target-mpp-enlarging": Case(("grid", "{P}", "--target-mpp", "0.001"), "the limit is 0.25"),
 }
 
-CASES: dict[str, Case] = {**OUTPUTS, **RESOURCES}
+def _damage(offset: int) -> Callable[[Path], None]:
+    def damage(p: Path) -> None:
+        with open(p / "project.db", "r+b") as fh:
+            fh.seek(offset)
+            fh.write(bytes(random.Random(offset).randrange(256) for _ in range(512)))
+    return damage
+
+
+def _sql(statement: str) -> Callable[[Path], None]:
+    def run(p: Path) -> None:
+        with contextlib.closing(sqlite3.connect(p / "project.db")) as conn:
+            conn.execute(statement)
+            conn.commit()
+    return run
+
+
+def _replace_db(content: bytes) -> Callable[[Path], None]:
+    return lambda p: (p / "project.db").write_bytes(content)
+
+
+def _foreign_sqlite(p: Path) -> None:
+    (p / "project.db").unlink()
+    _sql("CREATE TABLE notes (a TEXT)")(p)
+
+
+IMPORT = ("labels", "import", "{P}", str(SAMPLE_GEOJSON))
+DATABASE = {
+    "db-512-bytes-at-8192": Case(IMPORT, "the database is damaged", _damage(8192), intact=False),
+    "db-512-bytes-at-4096": Case(IMPORT, "the database is damaged", _damage(4096), intact=False),
+    "db-512-bytes-at-0": Case(IMPORT, "not an SQLite database", _damage(0), intact=False),
+    "db-schema-version-abc": Case(("status", "{P}"), "schema version 'abc' is not a number",
+                                  _sql("UPDATE meta SET value = 'abc' WHERE key = 'schema_version'"), intact=False),
+    "db-empty-file": Case(("status", "{P}"), "empty (0 bytes)", _replace_db(b""), intact=False),
+    "db-overwritten-by-text": Case(("labels", "export", "{P}", "-o", "{D}/x.geojson"), "not an SQLite database",
+                                   _replace_db(b'{"type": "FeatureCollection"}'), intact=False),
+    "db-foreign-sqlite": Case(("status", "{P}"), "not a slideloop project database", _foreign_sqlite,
+                              intact=False),
+}
+
+CASES: dict[str, Case] = {**OUTPUTS, **RESOURCES, **DATABASE}
 
 
 def run_case(case: Case, proj: Path) -> subprocess.CompletedProcess[str]:
@@ -160,3 +202,31 @@ def test_parallel_adds_of_one_name_leave_one_slide(project: Path) -> None:
             assert "already in the project" in err
     status = json.loads(run_cli("status", str(project), "--json").stdout)
     assert [s["name"] for s in status["slides"]].count("same") == 1
+
+
+def test_status_on_an_empty_database_leaves_it_empty(project: Path) -> None:
+    (project / "project.db").write_bytes(b"")
+    assert_clean(run_cli("status", str(project), check=False), "empty (0 bytes)")
+    assert (project / "project.db").stat().st_size == 0 and not (project / "project.db-wal").exists()
+
+
+def test_a_damaged_database_is_restored_from_its_snapshot(project: Path) -> None:
+    run_cli("labels", "import", str(project), str(SAMPLE_GEOJSON))  # a write-heavy command: snapshots first
+    good = json.loads(run_cli("status", str(project), "--json").stdout)
+    _damage(8192)(project)
+    assert_clean(run_cli("labels", "import", str(project), str(SAMPLE_GEOJSON), check=False),
+                 "its newest snapshot is")
+    assert_clean(run_cli("status", str(project), "--check", check=False), "the database is damaged")
+    restored = run_cli("restore", str(project))
+    assert "the replaced database is kept as" in restored.stdout
+    assert [f.name for f in project.glob("project.db.damaged-*")]
+    check = run_cli("status", str(project), "--check", "--json")
+    assert "integrity_check ok" in check.stderr
+    after = json.loads(check.stdout)
+    assert [s["label_version"] for s in after["slides"]] == [s["label_version"] - 1 for s in good["slides"]]
+    run_cli("labels", "import", str(project), str(SAMPLE_GEOJSON))  # the project works again
+
+
+def test_restore_without_snapshots_says_so(tmp_path: Path) -> None:
+    run_cli("init", str(tmp_path / "Q"))
+    assert_clean(run_cli("restore", str(tmp_path / "Q"), check=False), "no snapshots")
