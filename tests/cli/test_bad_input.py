@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import SAMPLE_GEOJSON, SAMPLE_SVS, run_cli
 
@@ -154,7 +155,84 @@ DATABASE = {
                               intact=False),
 }
 
-CASES: dict[str, Case] = {**OUTPUTS, **RESOURCES, **DATABASE}
+def _write(name: str, text: str) -> Callable[[Path], None]:
+    return lambda p: (p.parent / name).write_text(text)
+
+
+def _feature(geometry: str, classification: str = '{"name": "Epithelium"}') -> str:
+    return ('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": ' + geometry
+            + ', "properties": {"classification": ' + classification + '}}]}')
+
+
+SQUARE = '{"type": "Polygon", "coordinates": [[[100, 100], [300, 100], [300, 300], [100, 300], [100, 100]]]}'
+
+
+def _mask_tile(name: str) -> Callable[[Path], None]:
+    def write(p: Path) -> None:
+        from PIL import Image
+
+        (p.parent / "tiles" / "Labels").mkdir(parents=True)
+        Image.fromarray(np.ones((64, 64), np.uint8)).save(p.parent / "tiles" / "Labels" / name)
+    return write
+
+
+def _huge_label_tiff(p: Path) -> None:
+    """A 20000² label TIFF of a few hundred KB (zeros, deflate): its size is wrong for the slide."""
+    import tifffile
+
+    tile = np.zeros((1024, 1024), np.uint8)
+    tiles = (tile for _ in range(20 * 20))
+    tifffile.imwrite(p.parent / "CMU-1-Small-Region.labels.tif", tiles, shape=(20480, 20480), dtype=np.uint8,
+                     tile=(1024, 1024), compression="zlib")
+
+
+def _bare_onnx(p: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 64, 64])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 64, 64])
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "bare", [x], [y])
+    onnx.save(helper.make_model(graph), p.parent / "bare.onnx")
+
+
+def _import(name: str) -> tuple[str, ...]:
+    return ("labels", "import", "{P}", "{D}/" + name, "--slide", "CMU-1-Small-Region")
+
+
+PARSERS = {
+    "geojson-infinite-coordinate": Case(_import("a.geojson"), "not a finite number",
+                                        _write("a.geojson", _feature(SQUARE.replace("300, 100", "1e309, 100")))),
+    "geojson-nan-vertex": Case(_import("a.geojson"), "not a JSON number",
+                               _write("a.geojson", _feature(SQUARE.replace("300, 300", "NaN, NaN")))),
+    "geojson-huge-coordinate": Case(_import("a.geojson"), "not a finite number within",
+                                    _write("a.geojson", _feature(SQUARE.replace("300, 100", "1e300, 100")))),
+    "geojson-string-coordinate": Case(_import("a.geojson"), "a position must be 2 or 3 numbers",
+                                      _write("a.geojson", _feature(SQUARE.replace("300, 100", '"300", 100')))),
+    "geojson-list-class-name": Case(_import("a.geojson"), "is a list, not text",
+                                    _write("a.geojson", _feature(SQUARE, '{"name": ["Epithelium"]}'))),
+    "geojson-nested-100k-deep": Case(_import("a.geojson"), "nested too deeply",
+                                     _write("a.geojson", "[" * 100_000 + "]" * 100_000)),
+    "geojson-unknown-geometry-type": Case(_import("a.geojson"), "unknown geometry type",
+                                          _write("a.geojson", _feature('{"type": "Blob", "coordinates": []}'))),
+    "geojson-properties-a-list": Case(_import("a.geojson"), "'properties' is a list",
+                                      _write("a.geojson", _feature(SQUARE).replace(
+                                          '"properties": {"classification": {"name": "Epithelium"}}',
+                                          '"properties": [1]'))),
+    "mask-tile-downsample-zero": Case(_import("tiles"), "downsample d=0 is outside",
+                                      _mask_tile("CMU-1-Small-Region [d=0,x=0,y=0,w=64,h=64].png")),
+    "mask-tile-downsample-not-a-number": Case(_import("tiles"), "does not hold numbers",
+                                              _mask_tile("CMU-1-Small-Region [d=1.2.3,x=0,y=0,w=64,h=64].png")),
+    "mask-tile-size-zero": Case(_import("tiles"), "is not a region of a slide",
+                                _mask_tile("CMU-1-Small-Region [d=1,x=0,y=0,w=0,h=64].png")),
+    "mask-tile-huge-offset": Case(_import("tiles"), "is not a region of a slide",
+                                  _mask_tile("CMU-1-Small-Region [d=1,x=" + "9" * 200 + ",y=0,w=64,h=64].png")),
+    "label-tiff-20480-px": Case(_import("CMU-1-Small-Region.labels.tif"), "label image is 20480x20480 px",
+                                _huge_label_tiff),
+    "push-onnx-without-metadata": Case(("push", "{P}", "{D}/bare.onnx"), "no slideloop metadata", _bare_onnx),
+}
+
+CASES: dict[str, Case] = {**OUTPUTS, **RESOURCES, **DATABASE, **PARSERS}
 
 
 def run_case(case: Case, proj: Path) -> subprocess.CompletedProcess[str]:
