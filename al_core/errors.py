@@ -92,3 +92,19 @@ class StainError(SlideloopError, ValueError):
 
 class TileRangeError(SlideloopError, ValueError):
     """A tile index outside the pyramid (negative, beyond the slide, or above the top zoom)."""
+
+
+class OutputError(_AtSource):
+    """An output path cannot be used: it is a file the project manages, a read-only file or folder."""
+
+
+class DiskSpaceError(_AtSource):
+    """A write would need more room than the disk holding it has free (the message gives both numbers)."""
+
+
+class DatabaseError(_AtSource, ProjectError):
+    """The project database is damaged, foreign or unreadable (the message says how to recover)."""
+
+
+class GridError(SlideloopError, ValueError):
+    """A patch grid outside the limits (patch size, enlargement, patches per slide); the message gives them."""

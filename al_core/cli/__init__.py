@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from al_core import __version__
 from al_core.errors import (
+    DatabaseError,
     NoGridError,
     NoModelError,
     ScaleError,
@@ -20,7 +21,8 @@ from al_core.errors import (
 
 #: modules whose ``register`` adds subcommands, in help order
 COMMAND_MODULES = ("al_core.cli.project_cmds", "al_core.cli.model_cmds", "al_core.cli.app_cmds",
-                   "al_core.cli.deploy_cmds", "al_core.cli.simulate_cmds", "al_core.cli.version_cmds")
+                   "al_core.cli.deploy_cmds", "al_core.cli.simulate_cmds", "al_core.cli.version_cmds",
+                   "al_core.cli.repair_cmds")
 
 
 #: what to type next, after the core's own message, per error type (the core speaks in domain words only)
@@ -31,6 +33,7 @@ HINTS: dict[type[BaseException], str] = {
     ScaleError: "give the slide's µm per pixel with --mpp (e.g. 0.25 for 40x)",
     NoGridError: "cut the patch grid with 'slideloop grid PROJECT'",
     NoModelError: "train one with 'slideloop train PROJECT' (then 'slideloop predict PROJECT')",
+    DatabaseError: "'slideloop restore PROJECT' puts back the newest sound snapshot, if there is one",
 }
 
 
@@ -65,6 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         hint = hint_for(err)
         print(f"slideloop {args.command}: error: {err}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only folder, a full disk: one line naming the file, not a traceback
+        if args.verbose:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"slideloop {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"slideloop {args.command}: interrupted", file=sys.stderr)

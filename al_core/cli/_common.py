@@ -25,14 +25,22 @@ def add_json_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
+#: commands that rewrite much of the database: each first snapshots it (``slideloop restore`` goes back)
+SNAPSHOT_BEFORE = frozenset({"add", "grid", "labels import", "labels preannotate", "train", "predict"})
+
+
 def open_project(args: argparse.Namespace) -> Project:
-    """The project the command names; runs whose process died are ended first (and said so on stderr)."""
+    """The project the command names: runs whose process died are ended first (and said so on stderr), and the
+    database is snapshotted first if the command is in :data:`SNAPSHOT_BEFORE`."""
     from al_core.project.project import Project
     from al_core.project.reaper import reap
 
     proj = Project.open(args.project)
     for line in reap(proj):
         print(f"note: {line}; marked failed", file=sys.stderr)
+    command = " ".join(c for c in (args.command, getattr(args, "labels_command", None)) if c)
+    if command in SNAPSHOT_BEFORE:
+        proj.snapshot(command)
     return proj
 
 

@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("model", metavar="MODEL.onnx", help="ONNX file (from 'slideloop export' or elsewhere)")
     p.add_argument("--name", help="name in the registry (default: the file name without suffix)")
     p.add_argument("--overwrite", action="store_true", help="replace a deployed model of the same name")
+    p.add_argument("--config", metavar="FILE", help="settings for a model made elsewhere (no slideloop metadata): "
+                                                    "JSON, TOML or a FastPathology model .txt")
     add_json_arg(p)
     p.set_defaults(func=cmd_push)
 
@@ -91,7 +93,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     """``slideloop push``: add an ONNX file to the project's deployed models."""
     from al_core.deploy.registry import push_model
 
-    m = push_model(args.project, args.model, args.name, overwrite=args.overwrite)
+    m = push_model(args.project, args.model, args.name, overwrite=args.overwrite, config=args.config)
     if args.json:
         emit_json({"name": m.name, "path": str(m.path), **m.info})
     else:

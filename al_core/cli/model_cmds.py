@@ -150,6 +150,10 @@ def cmd_rank(args: argparse.Namespace) -> int:
     """``slideloop rank``: print the review queue (worst-IoU labelled or most uncertain unlabelled patches),
     optionally also as CSV."""
     by = args.by or ("entropy" if args.unlabelled else "iou")
+    if args.csv:
+        from al_core._guards import check_output
+
+        check_output(args.csv, what="CSV")
     with open_project(args) as proj:
         queue = proj.review_queue(_model_ref(args.model), by=by, fraction=args.fraction, count=args.count,
                              per_slide=args.per_slide, seed=args.seed)

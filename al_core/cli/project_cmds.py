@@ -66,6 +66,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("status", help="slides, patches, tissue, labelled/unlabelled counts")
     add_project_arg(p)
+    p.add_argument("--check", action="store_true", help="first check every page of the database (integrity_check)")
     add_json_arg(p)
     p.set_defaults(func=cmd_status)
 
@@ -191,6 +192,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     Names slides whose files are missing on stderr."""
     with open_project(args) as proj:
+        if args.check:
+            proj.store.check(full=True)
+            print(f"database {proj.store.source}: integrity_check ok", file=sys.stderr)
         st = proj.status()
     if args.json:
         emit_json(st)

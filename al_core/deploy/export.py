@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from al_core import __version__
+from al_core._guards import check_output
 from al_core._io import atomic_path
 from al_core.deploy.config import META_PREFIX, InferenceConfig, normalise
 from al_core.errors import ExportError
@@ -71,6 +72,7 @@ def export_onnx(
     import onnx
     import torch
 
+    check_output(path, what="ONNX model")
     if isinstance(metadata, InferenceConfig):
         config, extra = metadata, {}
     else:

@@ -22,12 +22,20 @@ import numpy as np
 import numpy.typing as npt
 
 from al_core import __version__
+from al_core._guards import check_free_space, check_output
 from al_core._io import atomic_write_bytes
 from al_core.deploy.config import InferenceConfig
 from al_core.deploy.pipeline import run_patches
 from al_core.deploy.plan import SlidePlan, plan_slide
 from al_core.deploy.segmenter import OnnxSegmenter
-from al_core.deploy.stitch import RowSignal, StripBlender, alloc_map, blend_window, class_decider
+from al_core.deploy.stitch import (
+    MEMMAP_BYTES,
+    RowSignal,
+    StripBlender,
+    alloc_map,
+    blend_window,
+    class_decider,
+)
 from al_core.deploy.tiff_writer import COMPRESSIONS, write_pyramid
 from al_core.deploy.vectorise import write_geojson
 from al_core.errors import InferenceError, ModelConfigError, SlideloopError
@@ -111,6 +119,8 @@ def infer_slide(
     out = Path(output)
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise ValueError(f"{out}: the output must be a .tif/.tiff file")
+    for side in _output_paths(out, geojson, probabilities):
+        check_output(side, what="inference output")
     seg = model if isinstance(model, OnnxSegmenter) else OnnxSegmenter(model, config, providers=providers)
     cfg = seg.config.with_overrides(min_tissue=min_tissue, overlap=overlap)
     timings = dict.fromkeys(STAGES, 0.0)
@@ -122,6 +132,7 @@ def infer_slide(
         channel_classes = cfg.channel_classes(n_ch)
     except ValueError as err:
         raise ModelConfigError(seg.path, str(err)) from err
+    _check_room(out, plan, len(channel_classes), probabilities, compression)
     meta = {"kind": "class_map", "classes": [asdict(c) for c in cfg.classes], "model": seg.path.name,
             "model_name": cfg.model_name, "model_version": cfg.model_version, "model_mpp": cfg.mpp,
             "model_scale": model_scale(cfg),
@@ -236,6 +247,33 @@ def _write_probabilities(opts: _Outputs, probs: npt.NDArray[np.uint8], plan: Sli
     write_pyramid(path, probs, 1.0, plan.map_size, None if plan.mpp is None else plan.mpp * plan.downsample,
                   compression=opts.compression, tile=opts.tile, description=json.dumps({"slideloop": pmeta}))
     return str(path)
+
+
+def _output_paths(out: Path, geojson: bool, probabilities: bool) -> list[Path]:
+    """Every file :func:`infer_slide` writes for ``out``."""
+    paths = [out, report_path(out)]
+    if geojson:
+        paths.append(out.with_suffix(".geojson"))
+    if probabilities:
+        paths.append(out.with_name(out.stem + ".probabilities.tiff"))
+    return paths
+
+
+def _check_room(out: Path, plan: SlidePlan, n_ch: int, probabilities: bool, compression: str) -> None:
+    """Refuse a slide whose working maps (temporary folder) or outputs cannot fit on their disks.
+
+    The maps at model scale are exact; the class-map TIFF is at level-0 geometry, uncompressed with
+    ``compression="none"`` and taken as an eighth of that when compressed (class maps compress far better).
+    """
+    mw, mh = plan.map_size
+    maps = mw * mh * (1 + (n_ch if probabilities else 0))
+    if maps > MEMMAP_BYTES:
+        check_free_space(tempfile.gettempdir(), maps, f"the working maps of {plan.dimensions[0]}x"
+                                                      f"{plan.dimensions[1]} px at model scale")
+    w, h = plan.dimensions
+    tiff = w * h * 4 / 3 / (1 if compression == "none" else 8)
+    probs = mw * mh * n_ch * 4 / 3 if probabilities else 0
+    check_free_space(out.parent, tiff + probs, "the inference output")
 
 
 def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:

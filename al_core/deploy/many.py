@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from al_core._guards import check_output
 from al_core.deploy.config import InferenceConfig
 from al_core.deploy.infer import infer_slide
 from al_core.deploy.segmenter import OnnxSegmenter
@@ -53,6 +54,9 @@ def infer_many(
     missing = [str(s) for s in slides if not Path(s).is_file()]
     if missing:
         raise SlideError(missing[0], "file not found")
+    check_output(out, what="inference outputs", folder=True)
+    for stem in stems:
+        check_output(out / f"{stem}.tiff", what="inference output")
     out.mkdir(parents=True, exist_ok=True)
     model_abs = str(Path(model).resolve())
     if scheduler:

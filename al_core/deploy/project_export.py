@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from al_core._guards import check_output
 from al_core.deploy.config import InferenceConfig
 from al_core.deploy.export import EXTRA_KEYS, ParityReport, export_onnx, normalise_patches
 from al_core.deploy.onnx_io import read_onnx_metadata
@@ -58,6 +59,7 @@ def export_project_model(
     """
     from al_core.learn.checkpoint import load_model
 
+    check_output(out, what="ONNX model")
     row = proj.models.resolve(model_ref)
     module, mcfg = load_model(proj.models.checkpoint(row))
     metadata = _metadata(proj, row, mcfg, overlap) | _scale_metadata(row.id, mcfg, mpp, downsample)

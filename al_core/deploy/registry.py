@@ -14,7 +14,7 @@ from typing import Any
 
 from al_core._io import atomic_path, atomic_write_bytes
 from al_core.deploy.config import META_PREFIX, InferenceConfig
-from al_core.deploy.onnx_io import read_onnx_metadata
+from al_core.deploy.onnx_io import load_config, read_onnx_metadata
 from al_core.errors import ModelConfigError, ProjectError
 
 DEPLOYED_DIR = "deployed"
@@ -38,11 +38,13 @@ class DeployedModel:
 
 
 def push_model(project_root: str | os.PathLike[str], onnx_path: str | os.PathLike[str], name: str | None = None,
-               *, overwrite: bool = False) -> DeployedModel:
+               *, overwrite: bool = False, config: InferenceConfig | str | os.PathLike[str] | None = None
+               ) -> DeployedModel:
     """Copy an ONNX model (and its external ``.data`` file) to ``<project>/deployed/<name>/model.onnx``.
 
     ``model.json`` beside it holds the inference config (from the model's metadata), the source file, its
-    sha256 and the push time. ``name`` defaults to the file's stem; an existing name needs ``overwrite``.
+    sha256 and the push time. ``name`` defaults to the file's stem; an existing name needs ``overwrite``. A model
+    made elsewhere (no slideloop metadata) needs its ``config``: an :class:`InferenceConfig` or a config file.
     """
     root = Path(project_root)
     if not root.is_dir():
@@ -55,7 +57,13 @@ def push_model(project_root: str | os.PathLike[str], onnx_path: str | os.PathLik
     dest = root / DEPLOYED_DIR / name
     if dest.exists() and not overwrite:
         raise ProjectError(f"{dest}: a model named {name!r} is already deployed (overwrite it or choose another name)")
-    config = InferenceConfig.from_metadata(props, src) if any(k.startswith(META_PREFIX) for k in props) else None
+    if config is not None:
+        config = config if isinstance(config, InferenceConfig) else load_config(config)
+    elif any(k.startswith(META_PREFIX) for k in props):
+        config = InferenceConfig.from_metadata(props, src)
+    else:
+        raise ModelConfigError(src, "has no slideloop metadata (classes, scale, normalisation); give its inference "
+                                    "config (JSON, TOML or a FastPathology model .txt)")
     externals = _external_files(src)
     dest.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest / "model.onnx") as tmp:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from al_core._guards import check_free_space
 from al_core._io import atomic_path
 from al_core.errors import CheckpointError
 from al_core.learn.model import ModelConfig, build_model
@@ -40,6 +41,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, config
         "state_dict": state, "optimizer": _to_cpu(optimizer.state_dict()) if optimizer is not None else None,
         "extra": extra or {},
     }
+    check_free_space(Path(path).parent, _tensor_bytes(payload), "the checkpoint")
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
@@ -99,6 +101,17 @@ def load_model(checkpoint_path: str | os.PathLike[str]) -> tuple[torch.nn.Module
         model = build_model(plain)
         load_weights(model, ckpt, checkpoint_path)
     return model.eval(), config
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) payload: what ``torch.save`` writes, give or take its headers."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _to_cpu(obj: Any) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset
 
+from al_core._guards import check_free_space
 from al_core._io import atomic_path, atomic_write_bytes
 from al_core.errors import NoGridError, ProjectError
 from al_core.learn.model import ModelConfig
@@ -82,8 +84,10 @@ class PatchCache:
             for old in root.glob("grid-*"):
                 if old != self.dir:
                     shutil.rmtree(old, ignore_errors=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
         shape = (len(self.ids), self.size, self.size, 3)
+        # the memmap is sparse at first, the disk fills as patches are read: refuse now, not at SIGBUS later
+        check_free_space(root, math.prod(shape), f"the patch cache ({len(self.ids):,} patches of {self.size} px)")
+        self.dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.dir / "patches.npy") as tmp:
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
         self.filled = np.zeros(len(self.ids), dtype=bool)

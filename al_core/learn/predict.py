@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from sqlalchemy import delete, insert
 
+from al_core._guards import check_free_space
 from al_core._io import atomic_path, atomic_write_bytes
 from al_core.errors import NoGridError, ProjectError
 from al_core.learn.checkpoint import load_model
@@ -94,6 +95,8 @@ def predict(project: Project, model: ModelRef = "active", *, batch_size: int = 8
     out_dir = predictions_dir(project.root, row.id)
     is_cancelled = cancel_check(cancel)
     score_rows: list[dict[str, Any]] = []
+    check_free_space(out_dir, len(patches) * config.num_classes * h * h * 2,
+                     f"the probability maps of model {row.id} ({len(patches):,} patches)")
     with atomic_path(out_dir / "probs.npy") as tmp:
         probs_out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
                                               shape=(len(patches), config.num_classes, h, h))

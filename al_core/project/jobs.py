@@ -74,8 +74,8 @@ def submit(project: Project, kind: str, params: dict[str, Any] | None = None, *,
     if kind not in JOB_KINDS:
         raise ValueError(f"unknown job kind {kind!r} (known: {', '.join(sorted(JOB_KINDS))})")
     key = f"{KEY_PREFIX}{kind}-{uuid.uuid4().hex}"
-    submitted = time.time()
     with project.store.write() as s:
+        submitted = time.time()  # under the write lock: ids and submission times come in the same order
         row = JobRow(kind=kind, params=json.dumps(params or {}), status="queued", dask_key=key, author=author,
                      submitted=submitted)
         s.add(row)

@@ -6,6 +6,7 @@ Geometry is kept as shapely polygons in level-0 pixel coordinates.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Iterable
@@ -31,6 +32,14 @@ TILE_NAME = re.compile(
 
 
 _MASK_SUFFIXES = (".png", ".tif", ".tiff")
+#: the largest GeoJSON file read (QuPath exports of whole-slide cell detections reach a few hundred MB)
+MAX_GEOJSON_BYTES = 2 << 30
+#: level-0 coordinates beyond this are no slide's (the largest scans are ~200k px a side)
+MAX_COORDINATE = 1e7
+#: the largest mask or label image decoded, in pixels (a 200k x 200k slide-sized label image would be 40 G)
+MAX_MASK_PIXELS = 4 << 30
+#: nesting depth of each geometry type's coordinates (0: a position)
+_DEPTHS = {"Point": 0, "MultiPoint": 1, "LineString": 1, "MultiLineString": 2, "Polygon": 2, "MultiPolygon": 3}
 
 
 @dataclass
@@ -60,11 +69,15 @@ def read_geojson(path: str | Path) -> ImportReport:
     """
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        if p.stat().st_size > MAX_GEOJSON_BYTES:
+            raise LabelError(p, f"is {p.stat().st_size:,} bytes; the limit for a GeoJSON file is {MAX_GEOJSON_BYTES:,}")
+        data = json.loads(p.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except FileNotFoundError as err:
         raise LabelError(p, "file not found") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
         raise LabelError(p, f"not valid JSON ({err})") from err
+    except RecursionError:
+        raise LabelError(p, "JSON nested too deeply to be GeoJSON") from None
     features = _features(p, data)
     report = ImportReport()
     repaired = skipped = empty = 0
@@ -73,22 +86,31 @@ def read_geojson(path: str | Path) -> ImportReport:
         if not geom_json:
             skipped += 1
             continue
+        _check_geometry(p, i, geom_json)
         try:
             geom = shape(geom_json)
-        except (ValueError, TypeError, AttributeError, shapely.errors.GEOSException) as err:
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, shapely.errors.GEOSException) as err:
             raise LabelError(p, f"feature {i}: invalid geometry ({err})") from err
         props = feat.get("properties") or {}
+        if not isinstance(props, dict):
+            raise LabelError(p, f"feature {i}: 'properties' is a {type(props).__name__}, not an object")
         if props.get("objectType") not in (None, "annotation", "detection", "cell", "tile"):
             skipped += 1
             continue
-        if not geom.is_valid:
-            geom = shapely.make_valid(geom)
-            repaired += 1
-        geom = polygonal_part(geom)
+        try:
+            if not geom.is_valid:
+                geom = shapely.make_valid(geom)
+                repaired += 1
+            geom = polygonal_part(geom)
+        except shapely.errors.GEOSException as err:
+            raise LabelError(p, f"feature {i}: geometry cannot be repaired ({err})") from err
         if geom.is_empty or geom.area <= 0:
             empty += 1
             continue
-        name, color = _classification(props)
+        try:
+            name, color = _classification(props)
+        except ValueError as err:
+            raise LabelError(p, f"feature {i}: {err}") from None
         if name is None:
             raise LabelError(p, f"feature {i} has no classification name (QuPath: set a class before exporting)")
         report.shapes.append(Shape(name, geom, color=color))
@@ -101,6 +123,45 @@ def read_geojson(path: str | Path) -> ImportReport:
     if skipped:
         report.notes.append(f"skipped {skipped} feature(s) without polygon geometry")
     return report
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_geometry(p: Path, i: int, geom: Any) -> None:
+    """A GeoJSON geometry's shape before shapely sees it: known type, coordinates nested as the type says,
+    every number finite (``1e309`` parses as infinity) and within :data:`MAX_COORDINATE`."""
+    if not isinstance(geom, dict):
+        raise LabelError(p, f"feature {i}: geometry is a {type(geom).__name__}, not an object")
+    kind = geom.get("type")
+    if kind == "GeometryCollection":
+        parts = geom.get("geometries")
+        if not isinstance(parts, list):
+            raise LabelError(p, f"feature {i}: GeometryCollection without a 'geometries' list")
+        for part in parts:
+            if isinstance(part, dict) and part.get("type") == "GeometryCollection":
+                raise LabelError(p, f"feature {i}: nested GeometryCollections are not supported")
+            _check_geometry(p, i, part)
+        return
+    depth = _DEPTHS.get(kind) if isinstance(kind, str) else None
+    if depth is None:
+        raise LabelError(p, f"feature {i}: unknown geometry type {kind!r}")
+    _check_coords(p, i, geom.get("coordinates"), depth)
+
+
+def _check_coords(p: Path, i: int, coords: Any, depth: int) -> None:
+    if not isinstance(coords, list):
+        raise LabelError(p, f"feature {i}: coordinates must be nested lists")
+    if depth == 0:
+        if not 2 <= len(coords) <= 3 or not all(type(v) in (int, float) for v in coords):
+            raise LabelError(p, f"feature {i}: a position must be 2 or 3 numbers, got {str(coords)[:60]}")
+        if not all(math.isfinite(v) and abs(v) <= MAX_COORDINATE for v in coords):
+            raise LabelError(p, f"feature {i}: coordinate {str(coords)[:60]} is not a finite number within "
+                                f"±{MAX_COORDINATE:.0e} px")
+        return
+    for c in coords:
+        _check_coords(p, i, c, depth - 1)
 
 
 def _features(p: Path, data: Any) -> list[Any]:
@@ -125,10 +186,12 @@ def _classification(props: dict[str, Any]) -> tuple[str | None, tuple[int, int, 
     color: tuple[int, int, int] | None = None
     if isinstance(cls, dict):
         name = cls.get("name")
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"classification name {str(name)[:60]} is a {type(name).__name__}, not text")
         if name is None and isinstance(cls.get("names"), list) and cls["names"]:
             name = ":".join(str(n) for n in cls["names"])  # QuPath derived classes "A: B"
         c = cls.get("color") or cls.get("colorRGB")
-        if isinstance(c, list) and len(c) >= 3:
+        if isinstance(c, list) and len(c) >= 3 and all(type(v) is int and 0 <= v <= 255 for v in c[:3]):
             color = (int(c[0]), int(c[1]), int(c[2]))
     elif isinstance(cls, str):
         name = cls
@@ -153,8 +216,35 @@ def to_geojson(shapes: Iterable[tuple[BaseGeometry, str, str]]) -> dict[str, Any
     return {"type": "FeatureCollection", "features": features}
 
 
+def mask_size(path: Path) -> tuple[int, int]:
+    """A mask image's ``(width, height)`` from its header, without decoding the pixels; refuses images above
+    :data:`MAX_MASK_PIXELS`."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.pages[0].shape
+            if len(shape) not in (2, 3):
+                raise LabelError(path, f"unexpected mask shape {shape}")
+            w, h = int(shape[1]), int(shape[0])
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                w, h = im.size
+    except LabelError:
+        raise
+    except Exception as err:  # any decoder error: the file is at fault
+        raise LabelError(path, f"not a readable mask image ({err})") from err
+    if w * h > MAX_MASK_PIXELS or w <= 0 or h <= 0:
+        raise LabelError(path, f"is {w}x{h} px; the limit for a mask is {MAX_MASK_PIXELS:,} pixels")
+    return w, h
+
+
 def read_mask_image(path: Path) -> npt.NDArray[Any]:
     """A class-index mask from PNG/TIFF; RGB(A) masks must be grey (all channels equal)."""
+    mask_size(path)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
@@ -200,11 +290,27 @@ def find_mask_tiles(folder: Path) -> list[MaskTile]:
         m = TILE_NAME.search(f.name)
         if not m:
             raise LabelError(f, "mask tile name does not carry its region, e.g. 'slide [d=4,x=0,y=0,w=2048,h=2048].png'")
-        tiles.append(MaskTile(f, f.name[: m.start()].strip(), float(m["d"] or 1), int(m["x"]), int(m["y"]),
-                              int(m["w"]), int(m["h"])))
+        tiles.append(_tile(f, m))
     if not tiles:
         raise LabelError(folder, "no mask tiles (*.png/*.tif) found")
     return tiles
+
+
+def _tile(f: Path, m: re.Match[str]) -> MaskTile:
+    """The region a tile name gives, checked: a positive finite downsample, sizes and offsets a slide can have."""
+    try:
+        d = float(m["d"] or 1)
+        nums = [int(m[k]) if len(m[k]) <= 12 else MAX_COORDINATE * 10 for k in ("x", "y", "w", "h")]
+    except ValueError:
+        raise LabelError(f, f"mask tile name {m.group(0)!r} does not hold numbers") from None
+    if not (math.isfinite(d) and 1 / 1024 <= d <= 1024):
+        raise LabelError(f, f"mask tile downsample d={m['d']} is outside 1/1024 to 1024")
+    x, y, w, h = nums
+    if not (0 < w <= MAX_COORDINATE and 0 < h <= MAX_COORDINATE and abs(x) <= MAX_COORDINATE
+            and abs(y) <= MAX_COORDINATE):
+        raise LabelError(f, f"mask tile region {m.group(0)!r} is not a region of a slide (sizes 1 to "
+                            f"{MAX_COORDINATE:.0e} px)")
+    return MaskTile(f, f.name[: m.start()].strip(), d, int(x), int(y), int(w), int(h))
 
 
 def read_mask_tiles(folder: str | Path) -> ImportReport:
@@ -214,11 +320,12 @@ def read_mask_tiles(folder: str | Path) -> ImportReport:
     report = ImportReport(slide_hint=tiles[0].slide_name or None)
     by_class: dict[int, list[BaseGeometry]] = {}
     for t in tiles:
-        mask = read_mask_image(t.path)
         want = (round(t.h / t.downsample), round(t.w / t.downsample))
-        if abs(mask.shape[0] - want[0]) > 1 or abs(mask.shape[1] - want[1]) > 1:
-            raise LabelError(t.path, f"mask is {mask.shape[1]}x{mask.shape[0]} px but its name says "
+        w, h = mask_size(t.path)  # from the header: a wrong size is refused before decoding
+        if abs(h - want[0]) > 1 or abs(w - want[1]) > 1:
+            raise LabelError(t.path, f"mask is {w}x{h} px but its name says "
                                      f"{t.w}x{t.h} at d={t.downsample:g}, i.e. {want[1]}x{want[0]}")
+        mask = read_mask_image(t.path)
         scale = t.w / mask.shape[1]
         for cls, geom in mask_to_shapes(mask, offset=(t.x, t.y), scale=scale):
             by_class.setdefault(cls, []).append(geom)
@@ -231,8 +338,8 @@ def read_mask_tiles(folder: str | Path) -> ImportReport:
 def read_label_image(path: str | Path, slide_size: tuple[int, int]) -> ImportReport:
     """Import a label image of the slide's level-0 size (pixel value = class index)."""
     p = Path(path)
+    w, h = mask_size(p)  # from the header: a 20000² TIFF of the wrong size is never decoded
+    if (w, h) != tuple(slide_size):
+        raise LabelError(p, f"label image is {w}x{h} px, the slide is {slide_size[0]}x{slide_size[1]}")
     mask = read_mask_image(p)
-    if (mask.shape[1], mask.shape[0]) != tuple(slide_size):
-        raise LabelError(p, f"label image is {mask.shape[1]}x{mask.shape[0]} px, the slide is "
-                            f"{slide_size[0]}x{slide_size[1]}")
     return ImportReport([Shape(None, g, class_idx=c) for c, g in mask_to_shapes(mask)])

@@ -10,7 +10,7 @@ import shapely
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
-from al_core.errors import UncalibratedError
+from al_core.errors import GridError, ScaleError, UncalibratedError
 from al_core.project.schema import PatchRow, SlideRow
 from al_core.wsi.grid import GridSpec, grid_boxes, tissue_fractions
 
@@ -29,8 +29,13 @@ def patch_rows(slides: Sequence[SlideRow], spec: GridSpec, tissue: Callable[[Sli
         if slide.mpp is None and spec.downsample is None:
             raise UncalibratedError(slide.name, "has no µm/px metadata (uncalibrated), so a grid in µm cannot "
                                                 "be cut on it; cut the grid at a downsample, or give its µm/px")
-        ds = spec.downsample_for(slide.mpp)
-        boxes = grid_boxes(slide.width, slide.height, spec, ds)
+        try:
+            ds = spec.downsample_for(slide.mpp)
+            boxes = grid_boxes(slide.width, slide.height, spec, ds)
+        except GridError as err:
+            raise GridError(f"slide {slide.name!r}: {err}") from None
+        except ValueError as err:
+            raise ScaleError(slide.path, str(err)) from err
         t = tissue(slide)
         frac = tissue_fractions(boxes, t.mask, t.downsample)
         rows.extend(

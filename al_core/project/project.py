@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from al_core._constants import PROJECT_ENV as PROJECT_ENV
+from al_core._guards import check_free_space, check_output
 from al_core._io import atomic_write_bytes
 from al_core.errors import LabelError, NoTissueError, ProjectError
 from al_core.project.classes import BACKGROUND, DEFAULT_CLASSES, ClassInfo
@@ -108,6 +110,14 @@ class Project:
         """Release the database connections."""
         self.store.dispose()
 
+    def snapshot(self, reason: str) -> Path | None:
+        """Copy the SQLite database into ``snapshots/`` to restore from later (:mod:`al_core.project.integrity`);
+        ``None`` on a server database or a disk too full for the copy."""
+        from al_core.project.integrity import take_snapshot
+
+        snap = take_snapshot(self.store.file, reason) if self.store.file is not None else None
+        return None if snap is None else snap.path
+
     def __enter__(self) -> Project:
         return self
 
@@ -139,10 +149,14 @@ class Project:
 
         p = Path(path).resolve()
         row = describe_slide(p, name or slide_name_for(p), mpp)
-        with self.store.write() as s:
-            if s.scalar(select(SlideRow.id).where(SlideRow.name == row.name)) is not None:
-                raise ProjectError(f"a slide named {row.name!r} is already in the project; give another name")
-            s.add(row)
+        taken = ProjectError(f"a slide named {row.name!r} is already in the project; give another name")
+        try:
+            with self.store.write() as s:
+                if s.scalar(select(SlideRow.id).where(SlideRow.name == row.name)) is not None:
+                    raise taken
+                s.add(row)
+        except IntegrityError as err:  # another process added the same name between our check and commit
+            raise taken from err
         if row.mpp is None:
             log.warning("warning: slide %s (%s) has no µm/px metadata: added as uncalibrated; its patch grid needs "
                         "a downsample, or give its µm/px", row.name, p)
@@ -191,6 +205,8 @@ class Project:
         for name in self.slides_without_patches(rows):
             log.warning("warning: slide %s yields no tissue patches (no tissue found, or none reaching the "
                         "grid's minimum tissue share); it has no review queue", name)
+        check_free_space(self.root, len(rows) * spec.patch ** 2 * 3,
+                         f"the patch cache of this grid ({len(rows):,} patches of {spec.patch} px)")
         with self.store.write() as s:
             grid = GridRow(spec=json.dumps(spec.to_dict()))
             s.add(grid)
@@ -262,6 +278,7 @@ class Project:
         slides = [self.slide_row(slide)] if slide else self.slides()
         if len(slides) != 1:
             raise ProjectError("the project has several slides; choose the slide to export")
+        check_output(out, what="GeoJSON")
         classes = {c.idx: c for c in self.classes()}
         shapes = [(a.geometry, classes[a.class_idx].name, classes[a.class_idx].color)
                   for a in self.labels.annotations(slides[0].id)]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from al_core._guards import project_writes
 from al_core._io import atomic_write_bytes
 from al_core.errors import ProjectError
 
@@ -131,6 +132,17 @@ def run_id_time(run_id: str) -> str:
     return f"{m[1]}-{m[2]}-{m[3]}T{m[4]}:{m[5]}:{m[6]}+00:00" if m else ""
 
 
+def _names_only(report: Path, slide_name: str) -> None:
+    """Rewrite a run's downloadable report with the slide's name and file names: the server's folders stay
+    private (the report is served to every user of the app)."""
+    data = json.loads(report.read_text())
+    data["slide"] = slide_name
+    for key in ("output", "report", "geojson", "probabilities"):
+        if data.get(key):
+            data[key] = Path(data[key]).name
+    atomic_write_bytes(report, json.dumps(data, indent=2).encode())
+
+
 def run_deployed(project_root: str | os.PathLike[str], model: DeployedModel, slide: SlideRow,
                  progress: Callable[[int, int], None] | None = None) -> tuple[InferenceRun, InferenceResult]:
     """Run a deployed model over a registered slide into a new run folder and register the run; a run that
@@ -142,7 +154,9 @@ def run_deployed(project_root: str | os.PathLike[str], model: DeployedModel, sli
     d.mkdir(parents=True)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", slide.name) or "slide"
     try:
-        result = infer_slide(model.path, slide.path, d / f"{stem}.tiff", mpp=slide.mpp, progress=progress)
+        with project_writes(project_root):
+            result = infer_slide(model.path, slide.path, d / f"{stem}.tiff", mpp=slide.mpp, progress=progress)
+        _names_only(Path(result.report), slide.name)
         files = {"tiff": Path(result.output).name, "report": Path(result.report).name}
         if result.geojson:
             files["geojson"] = Path(result.geojson).name

@@ -7,12 +7,14 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, insert, inspect, select, text, update
+from sqlalchemy import Engine, create_engine, event, insert, inspect, make_url, select, text, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy.exc import DatabaseError as SADatabaseError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from al_core.errors import ProjectError, SchemaError
+from al_core.errors import DatabaseError, ProjectError, SchemaError
+from al_core.project import integrity
 from al_core.project.schema import Base, Meta, utcnow
 
 #: schema of the tables in :mod:`al_core.project.schema`; bump it with a migration in :data:`MIGRATIONS`
@@ -58,12 +60,32 @@ class Store:
 
     def __init__(self, url: str, *, create: bool = False, migrations: dict[int, Migration] | None = None) -> None:
         self.url = url
+        #: the SQLite file, or ``None`` for a server database
+        self.file = integrity.sqlite_file(url)
+        #: what error messages name: the file, or the URL without its password
+        self.source = str(self.file) if self.file else make_url(url).render_as_string(hide_password=True)
+        if self.file is not None and not create:
+            integrity.precheck(self.file)  # before connecting: a connection would write to an empty file
         self.engine = _make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if create:
             self._create()
-        else:
+            return
+        with self._named_errors():
+            if self.file is not None and self.file.stat().st_size <= integrity.QUICK_CHECK_BYTES:
+                self.check(full=False)
             self._check_schema(MIGRATIONS if migrations is None else migrations)
+
+    def check(self, *, full: bool = True) -> None:
+        """Check the SQLite database's pages (``integrity_check``; ``quick_check`` if not ``full``); a damaged
+        one raises :class:`~al_core.errors.DatabaseError` saying how to recover. Server databases pass."""
+        if self.file is None:
+            return
+        raw = self.engine.raw_connection()
+        try:
+            integrity.check(raw.driver_connection, self.file, full=full)  # type: ignore[arg-type]
+        finally:
+            raw.close()
 
     @property
     def dialect(self) -> str:
@@ -82,22 +104,23 @@ class Store:
     def _check_schema(self, migrations: dict[int, Migration]) -> None:
         try:
             tables = set(inspect(self.engine).get_table_names())
-        except DatabaseError as err:
-            raise ProjectError(f"{self.url}: not a readable database ({err.orig})") from err
+        except SADatabaseError as err:
+            raise DatabaseError(self.source, f"not a readable database ({err.orig})") from err
         if "meta" not in tables:
-            raise ProjectError(f"{self.url}: not a slideloop project database (no meta table)")
+            raise ProjectError(f"{self.source}: not a slideloop project database (no meta table)")
         with self.engine.connect() as conn:
             meta = dict(conn.execute(select(Meta.key, Meta.value)).all())
         if meta.get("app") != APP_ID:
-            raise ProjectError(f"{self.url}: not a slideloop project database")
+            raise ProjectError(f"{self.source}: not a slideloop project database")
         try:
             version = int(meta.get("schema_version", "0"))
         except ValueError:
-            raise SchemaError(f"{self.url}: the schema version {meta.get('schema_version')!r} is not a number; "
-                              "the database was changed by something other than slideloop") from None
+            raise SchemaError(f"{self.source}: the schema version {meta.get('schema_version')!r} is not a number; "
+                              "the database was changed by something other than slideloop"
+                              + (f"; {integrity.recovery(self.file)}" if self.file else "")) from None
         if version > SCHEMA_VERSION:
             raise SchemaError(
-                f"{self.url}: project schema {version} is newer than this slideloop supports ({SCHEMA_VERSION});"
+                f"{self.source}: project schema {version} is newer than this slideloop supports ({SCHEMA_VERSION});"
                 " upgrade slideloop to open it"
             )
         if version < SCHEMA_VERSION:
@@ -110,7 +133,7 @@ class Store:
             version = int(current or version)
             while version < SCHEMA_VERSION:
                 if version not in migrations:
-                    raise SchemaError(f"{self.url}: no migration from schema {version} to {version + 1}")
+                    raise SchemaError(f"{self.source}: no migration from schema {version} to {version + 1}")
                 migrations[version](conn)
                 version += 1
             conn.execute(update(Meta).where(Meta.key == "schema_version").values(value=str(version)))
@@ -118,8 +141,21 @@ class Store:
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
         """A session for reading (no transaction is held open beyond the block)."""
-        with self._sessions() as session:
+        with self._named_errors(), self._sessions() as session:
             yield session
+
+    @contextlib.contextmanager
+    def _named_errors(self) -> Iterator[None]:
+        """Database errors (damage, a full disk, a lock held too long) as one error naming the database;
+        integrity errors stay as they are, for the caller to say which constraint a user broke."""
+        try:
+            yield
+        except IntegrityError:
+            raise
+        except SADatabaseError as err:
+            problem = str(err.orig) if err.orig is not None else str(err).splitlines()[0]
+            hint = f"; {integrity.recovery(self.file)}" if self.file and "malformed" in problem else ""
+            raise DatabaseError(self.source, f"database error: {problem}{hint}") from err
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Session]:
@@ -128,7 +164,7 @@ class Store:
         On SQLite the transaction takes the write lock at once (``BEGIN IMMEDIATE``), so what it reads stays
         true until it commits; on PostgreSQL lock the rows you read-then-write (``with_for_update``).
         """
-        with self._sessions() as session, session.begin():
+        with self._named_errors(), self._sessions() as session, session.begin():
             session.connection(execution_options=_IMMEDIATE)
             yield session
 

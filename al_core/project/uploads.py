@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from al_core._guards import check_free_space
+from al_core._io import atomic_write_bytes
 from al_core.errors import SlideError
 from al_core.wsi.slides import IMAGE_SUFFIXES, TIFF_SUFFIXES
 
@@ -36,7 +38,8 @@ def add_uploaded_slide(project: Project, name: str, content: bytes) -> SlideRow:
     while dest.exists():
         dest = folder / f"{Path(safe).stem}-{n}{Path(safe).suffix}"
         n += 1
-    dest.write_bytes(content)
+    check_free_space(folder, len(content), f"the upload {safe}")
+    atomic_write_bytes(dest, content)
     try:
         return project.add_slide(dest, name=dest.stem)
     except BaseException:

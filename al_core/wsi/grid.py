@@ -14,8 +14,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from al_core.errors import GridError
+
 #: µm per output pixel of the NoCodeSeg grid (0.25 µm/px at 40x, read 4x down)
 DEFAULT_TARGET_MPP = 1.0
+#: the most a grid may enlarge level 0: more invents pixels the scanner never saw (and multiplies the cache)
+MIN_DOWNSAMPLE = 0.25
+#: the largest patch side in output pixels (a 4096² RGB patch is 50 MB in the cache)
+MAX_PATCH = 4096
+#: the most patches one slide's grid may have before the tissue filter (a 40x slide at the default grid: ~10k)
+MAX_SLIDE_PATCHES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -36,8 +44,8 @@ class GridSpec:
     def __post_init__(self) -> None:
         if self.overlap is None:
             object.__setattr__(self, "overlap", self.patch // 4)
-        if self.patch < 16:
-            raise ValueError(f"patch size must be at least 16 px, got {self.patch}")
+        if not 16 <= self.patch <= MAX_PATCH:
+            raise GridError(f"patch size must be at least 16 px and at most {MAX_PATCH} px, got {self.patch}")
         if not 0 <= self.overlap < self.patch:
             raise ValueError(f"overlap must be in [0, patch), got {self.overlap} for patch {self.patch}")
         if not 0.0 <= self.min_tissue <= 1.0:
@@ -48,6 +56,8 @@ class GridSpec:
             v = getattr(self, name)
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a positive number, got {v}")
+        if self.downsample is not None and self.downsample < MIN_DOWNSAMPLE:
+            raise GridError(_enlarge_message(self.downsample))
 
     @property
     def stride(self) -> int:
@@ -63,7 +73,10 @@ class GridSpec:
             if self.target_mpp is not None:
                 raise ValueError("the grid is in µm (target_mpp) but the slide has no microns-per-pixel metadata; give its scale")
             return 4.0
-        return target / slide_mpp
+        down = target / slide_mpp
+        if down < MIN_DOWNSAMPLE:
+            raise GridError(f"{target} µm/px on a {slide_mpp} µm/px slide: " + _enlarge_message(down))
+        return down
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a plain dict (as stored with the grid)."""
@@ -73,6 +86,16 @@ class GridSpec:
     def from_dict(cls, d: dict[str, Any]) -> GridSpec:
         """Rebuild from :meth:`to_dict` output; other keys are ignored."""
         return cls(**{k: d[k] for k in ("patch", "overlap", "min_tissue", "target_mpp", "downsample") if k in d})
+
+
+def _enlarge_message(downsample: float) -> str:
+    return (f"a downsample of {downsample:g} enlarges level 0 {1 / downsample:g} times; the limit is "
+            f"{MIN_DOWNSAMPLE:g} ({1 / MIN_DOWNSAMPLE:g} times)")
+
+
+def axis_count(length: float, size: float, stride: float) -> int:
+    """How many windows :func:`axis_starts` gives (without making them)."""
+    return 1 if length <= size else math.ceil((length - size) / stride) + 1
 
 
 def axis_starts(length: float, size: float, stride: float) -> list[float]:
@@ -111,6 +134,10 @@ def grid_boxes(width: int, height: int, spec: GridSpec, downsample: float) -> Pa
     """All patch rectangles of a ``width`` × ``height`` slide (before the tissue filter)."""
     size0 = spec.patch * downsample
     stride0 = spec.stride * downsample
+    n = axis_count(width, size0, stride0) * axis_count(height, size0, stride0)
+    if n > MAX_SLIDE_PATCHES:
+        raise GridError(f"the grid would cut a {width}x{height} px slide into {n:,} patches "
+                         f"({spec.patch} px at downsample {downsample:g}); the limit is {MAX_SLIDE_PATCHES:,}")
     xs = axis_starts(width, size0, stride0)
     ys = axis_starts(height, size0, stride0)
     cols, rows = np.meshgrid(np.arange(len(xs)), np.arange(len(ys)))

@@ -238,6 +238,8 @@ def test_inference_tile_and_downloads(fetch: Fetch, project: tuple[Path, str]) -
         assert resp.body == (run / name).read_bytes()  # the whole file, streamed in chunks
         assert int(resp.headers["Content-Length"]) == len(resp.body)
     assert json.loads((run / "CMU-1-Small-Region.geojson").read_text())["type"] == "FeatureCollection"
+    report = (run / "CMU-1-Small-Region.report.json").read_text()
+    assert "/" not in json.loads(report)["slide"] and str(root.resolve()) not in report  # no server folders
 
 
 # --- 404 for anything not registered ------------------------------------------------------------------------
@@ -255,6 +257,7 @@ def test_inference_tile_and_downloads(fetch: Fetch, project: tuple[Path, str]) -
     "slideloop/labels/0/0/0/0.png",
     "slideloop/prediction/1/1/0/0/0.png",               # no model in the project
     f"slideloop/tiles/{HUGE}/0/0/0.jpeg",               # huge ids and indices
+    f"slideloop/tiles/{1 << 63}/0/0/0.jpeg",            # the first id past SQLite's 64 bits
     f"slideloop/tiles/1/{HUGE}/0/0.jpeg",
     f"slideloop/tiles/1/4/{HUGE}/0.jpeg",
     f"slideloop/labels/{HUGE}/0/0/0.png",

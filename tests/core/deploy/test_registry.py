@@ -7,6 +7,7 @@ import shutil
 import pytest
 from _deploy_models import SHELL_DIR, SHELL_MODEL
 
+from al_core.deploy.config import InferenceConfig
 from al_core.deploy.registry import list_deployed, push_model
 from al_core.errors import ModelConfigError, ProjectError
 from al_core.project.project import Project
@@ -37,8 +38,14 @@ def test_push_copies_external_weights(tmp_path):
     shutil.copytree(SHELL_DIR, src)
     root = tmp_path / "proj"
     Project.create(root).close()
-    m = push_model(root, src / "model_v1.onnx", "shell")
-    assert (m.path.parent / "model_v1.onnx.data").is_file() and m.info["config"] is None
+    with pytest.raises(ModelConfigError, match="no slideloop metadata"):  # a model made elsewhere needs its config
+        push_model(root, src / "model_v1.onnx", "shell")
+    cfg = InferenceConfig.from_dict({"input_size": 256, "target_mpp": 1.0, "activation": "sigmoid",
+                                     "output_classes": [1, 2, 0], "classes": [
+                                         {"index": 0, "name": "Background"}, {"index": 1, "name": "Epithelium"},
+                                         {"index": 2, "name": "Stroma"}]})
+    m = push_model(root, src / "model_v1.onnx", "shell", config=cfg)
+    assert (m.path.parent / "model_v1.onnx.data").is_file() and m.info["config"]["input_size"] == [256, 256]
     (src / "model_v1.onnx.data").unlink()
     with pytest.raises(ModelConfigError, match="external weights file 'model_v1.onnx.data' is missing"):
-        push_model(root, src / "model_v1.onnx", "shell2")
+        push_model(root, src / "model_v1.onnx", "shell2", config=cfg)

@@ -1,5 +1,6 @@
 """The shared job queue (al_core.project.jobs) on a real Dask scheduler and worker (subprocesses), fed by several
-submitter processes; a train job links the model version it made."""
+submitter processes; a train job links the model version it made. The queue's tests run on the project's SQLite
+file and on PostgreSQL (``db_url``)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 
 import pytest
 
 from al_core import Project
 from al_core.project import jobs as jobs_mod
+from al_core.project.project import DB_URL_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -82,24 +85,26 @@ def _wait(pred, timeout=120.0):
     return False
 
 
-def test_concurrent_submitters_run_one_at_a_time_in_order(tmp_path, cluster, sample_svs):
+def test_concurrent_submitters_run_one_at_a_time_in_order(tmp_path, cluster, sample_svs, db_url):
     root = tmp_path / "proj"
-    with Project.create(root) as proj:
+    with Project.create(root, db_url=db_url) as proj:
         proj.add_slide(sample_svs)
     client = jobs_mod.connect(cluster)
     # another user's long job holds the one GPU slot while the submitters queue up behind it
-    blocker = _blocker(client, "hold-1")
+    hold = f"hold-1-{uuid.uuid4().hex}"  # one per run: a set event stays set for the module's cluster
+    blocker = _blocker(client, hold)
+    env = dict(os.environ, **({DB_URL_ENV: db_url} if db_url else {}))  # the submitters open the same database
     procs = [subprocess.Popen([sys.executable, "-c", SUBMITTER, str(root), cluster, f"user{i}", "2",
-                               "1" if i == 1 else "0", str(0.8 * i)]) for i in range(3)]
+                               "1" if i == 1 else "0", str(0.8 * i)], env=env) for i in range(3)]
     for p in procs:
         p.wait(60)
     assert procs[1].returncode == -signal.SIGKILL
-    with Project.open(root) as proj:
+    with Project.open(root, db_url=db_url) as proj:
         queued = jobs_mod.jobs(proj, active_only=True)
         assert len(queued) == 6
         positions = [jobs_mod.status(proj, j.id, client).position for j in queued]
         assert sorted(p for p in positions if p is not None) == list(range(len(positions)))
-        _release(client, "hold-1")
+        _release(client, hold)
         blocker.result()
         assert _wait(lambda: not jobs_mod.jobs(proj, active_only=True))
         done = jobs_mod.jobs(proj)
@@ -114,15 +119,16 @@ def test_concurrent_submitters_run_one_at_a_time_in_order(tmp_path, cluster, sam
     client.close()
 
 
-def test_cancel_queued_job_never_runs(tmp_path, cluster, sample_svs):
+def test_cancel_queued_job_never_runs(tmp_path, cluster, sample_svs, db_url):
     root = tmp_path / "proj"
-    with Project.create(root) as proj:
+    with Project.create(root, db_url=db_url) as proj:
         proj.add_slide(sample_svs)
         client = jobs_mod.connect(cluster)
-        blocker = _blocker(client, "hold-2")
+        hold = f"hold-2-{uuid.uuid4().hex}"
+        blocker = _blocker(client, hold)
         job = jobs_mod.submit(proj, "grid", {"patch": 256}, client=client)
         jobs_mod.cancel(proj, job)
-        _release(client, "hold-2")
+        _release(client, hold)
         blocker.result()
         assert _wait(lambda: jobs_mod.status(proj, job).status not in jobs_mod.ACTIVE, 60)
         st = jobs_mod.status(proj, job)
@@ -139,8 +145,8 @@ def test_unknown_kind_refused(tmp_path):
         jobs_mod.submit(proj, "bake", client=None)  # type: ignore[arg-type]
 
 
-def test_lost_jobs_are_reported(tmp_path, cluster):
-    with Project.create(tmp_path / "p") as proj:
+def test_lost_jobs_are_reported(tmp_path, cluster, db_url):
+    with Project.create(tmp_path / "p", db_url=db_url) as proj:
         from al_core.project.schema import JobRow
 
         with proj.store.write() as s:
@@ -152,8 +158,8 @@ def test_lost_jobs_are_reported(tmp_path, cluster):
 
 
 
-def test_lost_marking_spares_a_job_just_submitted(tmp_path, cluster):
-    with Project.create(tmp_path / "p") as proj:
+def test_lost_marking_spares_a_job_just_submitted(tmp_path, cluster, db_url):
+    with Project.create(tmp_path / "p", db_url=db_url) as proj:
         from al_core.project.schema import JobRow
 
         with proj.store.write() as s:
