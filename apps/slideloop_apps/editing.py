@@ -141,7 +141,7 @@ class Editor(HasTraits):
             return None
         if old is not None:
             st.history.record(old.geometry, before, version)
-        st.revision += 1
+        st.refetch()
         st.refresh_queue(keep_order=True)
         st.say(f"{'Deleted' if delete else 'Changed the class of'} polygon {self.picked} (label version {version}).")
         self.picked = None

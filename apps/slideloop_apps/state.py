@@ -76,6 +76,9 @@ class AppState(HasTraits):
     pending: List[tuple[int, BaseGeometry]] = List()
     #: the slide's label version when the first pending shape was drawn (what the edit was drawn on)
     pending_base = Int(None, allow_none=True)
+    #: the slide's label version the map showed when this patch was picked or the overlays last refetched:
+    #: what a shape drawn now is drawn on, even if another annotator saved since (their edit is not shown)
+    view_version = Int(None, allow_none=True)
     queue: List[QueueItem] = List()
     model_id = Int(None, allow_none=True)
     #: bumped after every saved change so overlays refetch
@@ -247,6 +250,7 @@ class AppState(HasTraits):
         if patch.slide_id != self.slide_id:
             self.select_slide(patch.slide_id)
         self.patch_id = patch_id
+        self.view_version = self.project.label_version(patch.slide_id)
         return patch
 
     def select_slide(self, slide_id: int) -> None:
@@ -254,6 +258,7 @@ class AppState(HasTraits):
         self.pending = []
         self.patch_id = None
         self.slide_id = slide_id
+        self.view_version = self.project.label_version(slide_id)
         problem = self.slide_problem()
         if problem:
             self.say(problem, "error")
@@ -279,7 +284,7 @@ class AppState(HasTraits):
             self.say(f"Shape not used: {err}", "error")
             return False
         if not self.pending:
-            self.pending_base = self.project.label_version(self.slide_id)
+            self.pending_base = self._drawn_on()
         self.pending = [*self.pending, (self.mode, geom)]
         name = "erase" if self.mode == 0 else self._class_name(self.mode)
         note = "The shape crossed itself and was repaired into valid polygons. " if repaired else ""
@@ -299,12 +304,17 @@ class AppState(HasTraits):
                      "warning")
             return False
         if not self.pending:
-            self.pending_base = self.project.label_version(self.slide_id)
+            self.pending_base = self._drawn_on()
         self.pending = [*self.pending, (mode, geom)]
         name = {0: "erase", ACCEPT: "accept prediction"}.get(mode) or self._class_name(mode)
         self.say(f"{len(self.pending)} shape(s) to save (last: {what}, {name}). Save (s) writes them as a new "
                  "label version.")
         return True
+
+    def _drawn_on(self) -> int:
+        if self.view_version is not None:
+            return self.view_version
+        return self.project.label_version(self.slide_id)
 
     def _to_slide_geometry(self, geojson: dict[str, Any]) -> tuple[BaseGeometry, bool]:
         """The drawn shape in level-0 px, made valid and clipped to the slide; and whether it was repaired."""
@@ -348,6 +358,7 @@ class AppState(HasTraits):
             for i, (mode, geoms) in enumerate(groups):
                 version = self._write(mode, shapely.union_all(geoms), base if i == 0 else None)
         except LabelConflictError as err:
+            self.refetch()  # show the other edit; shapes drawn from now on are drawn on it
             self.say(f"Not saved: {err.problem}. Your unsaved shapes are still on the map.", "error")
             return None
         except SlideloopError as err:
@@ -382,7 +393,7 @@ class AppState(HasTraits):
         except SlideloopError as err:
             self.say(f"Not {'redone' if redo else 'undone'}: {err}", "error")
             return None
-        self.revision += 1
+        self.refetch()
         self.refresh_queue(keep_order=True)
         self.say(f"{'Redid' if redo else 'Undid'} the last saved edit: its region shows label version "
                  f"{to_version} again (saved as version {version}).")
@@ -407,8 +418,13 @@ class AppState(HasTraits):
         self._after_write(f"Accepted the prediction as label version {version}")
         return version
 
-    def _after_write(self, what: str) -> None:
+    def refetch(self) -> None:
+        """Make the overlays refetch; what they show from now on is what new shapes are drawn on."""
         self.revision += 1
+        self.view_version = self.project.label_version(self.slide_id)
+
+    def _after_write(self, what: str) -> None:
+        self.refetch()
         row = next((q for q in self.queue if q.patch_id == self.patch_id), None)
         self.refresh_queue(keep_order=True)
         where = f" for patch {row.patch_id} ({row.slide} x={row.x}, y={row.y}); marked reviewed" if row else ""

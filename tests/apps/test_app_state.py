@@ -197,3 +197,20 @@ def test_accept_the_prediction_inside_a_brushed_region_only(trained_copy: tuple[
         inside = rasterize([(1, region.buffer(-2))], (patch.x, patch.y), patch.downsample,
                            (patch.patch, patch.patch)).astype(bool)
         assert inside.sum() > 100 and (got[inside] == up[inside]).mean() > 0.95
+
+
+def test_an_edit_drawn_after_someone_saved_unseen_is_drawn_on_the_version_shown(state: AppState) -> None:
+    """Another annotator saved over this patch after I opened it (my map does not show it): my shape there is
+    refused, not painted over theirs; after the refusal the map shows their edit and a redrawn shape saves."""
+    proj = state.project
+    state.step(+1)
+    theirs = proj.correct(1, box(150, 150, 250, 250), 1, author="other")
+    state.mode = 1
+    assert state.add_drawn(_feature([(100, 100), (300, 100), (300, 300), (100, 300)]))
+    revision = state.revision
+    assert state.save() is None and state.level == "error" and "other" in state.message
+    assert len(state.pending) == 1 and proj.label_version(1) == theirs
+    assert state.revision > revision and state.view_version == theirs  # the overlays refetch: theirs is shown
+    state.undo()
+    assert state.add_drawn(_feature([(100, 100), (300, 100), (300, 300), (100, 300)]))
+    assert state.save() == theirs + 1
