@@ -85,7 +85,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("tag", help="set slide tags (stain, diagnosis…) as KEY=VALUE; empty VALUE removes a tag")
     add_project_arg(p)
     p.add_argument("slide", help="slide name")
-    p.add_argument("tags", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("tags", nargs="*", metavar="KEY=VALUE", help="tags to set (none: print the slide's tags)")
     add_json_arg(p)
     p.set_defaults(func=cmd_tag)
 

@@ -16,8 +16,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for simulate.csv, simulate_summary.csv, "
                                                                 "simulate.png")
     p.add_argument("--strategies", nargs="+", default=["iou", "entropy", "random"],
-                   choices=["iou", "entropy", "disagreement", "mcdropout", "random"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+                   choices=["iou", "entropy", "disagreement", "mcdropout", "random"],
+                   help="review strategies to compare (default: iou entropy random)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds, one full study each; bands are 95 %% intervals over them (default 0 1 2)")
     p.add_argument("--rounds", type=int, default=3, help="correction rounds after round 0 (default 3)")
     p.add_argument("--budget", type=int, default=8, help="patches corrected per round (default 8)")
     p.add_argument("--drop", type=float, default=0.3, help="share of objects the pre-annotation misses")
@@ -30,12 +32,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip the all-labels reference run")
     p.add_argument("--epochs", type=int, default=20, help="epochs per training round at most")
     p.add_argument("--max-steps", type=int, help="optimizer steps per training round at most")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--recipe", default="default", choices=["default", "paper"])
+    p.add_argument("--batch-size", type=int, default=4, help="training batch size (default 4)")
+    p.add_argument("--recipe", default="default", choices=["default", "paper"],
+                   help="training recipe: default (CE+Dice, AdamW warm-up+cosine) or paper (Adam 5e-5)")
     p.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
     p.add_argument("--encoder", help="smp encoder (default resnet18 on CPU, resnet34 on CUDA)")
-    p.add_argument("--encoder-depth", type=int, default=5)
-    p.add_argument("--decoder-channels", type=int, nargs="+", metavar="N")
+    p.add_argument("--encoder-depth", type=int, default=5, help="encoder stages (default 5)")
+    p.add_argument("--decoder-channels", type=int, nargs="+", metavar="N",
+                   help="decoder channels per stage (default: smp's)")
     add_json_arg(p)
     p.set_defaults(func=cmd_simulate)
 

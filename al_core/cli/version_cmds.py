@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from al_core.cli._common import add_json_arg, add_project_arg, emit_json, format_table, open_project
-from al_core.project.project import Project
+
+if TYPE_CHECKING:
+    from al_core.project.project import Project
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
