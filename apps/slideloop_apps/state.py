@@ -379,6 +379,7 @@ class AppState(HasTraits):
         region, to_version = step
         try:
             version = self.project.labels.revert(self.slide_id, region, to_version, author=self.author)
+            self.project.rescore(self.slide_id, region, since=version - 1)
         except SlideloopError as err:
             self.say(f"Not {'redone' if redo else 'undone'}: {err}", "error")
             return None
