@@ -24,7 +24,7 @@ from al_core._io import atomic_write_bytes
 from al_core.errors import LabelError, NoTissueError, ProjectError
 from al_core.project.classes import BACKGROUND, DEFAULT_CLASSES, ClassInfo
 from al_core.project.models import ModelRef, ModelVersions
-from al_core.project.schema import ClassRow, GridRow, PatchRow, SlideRow
+from al_core.project.schema import AnnotationRow, ClassRow, GridRow, PatchRow, SlideRow
 from al_core.project.store import Store
 from al_core.wsi.grid import GridSpec
 
@@ -325,7 +325,9 @@ class Project:
         if class_idx not in (None, 0) and class_idx not in {c.idx for c in self.classes()}:
             raise LabelError(f"slide {row.name}", f"unknown class index {class_idx}")
         patch = self.patch(patch_id) if patch_id is not None else None
-        return self.labels.correct(row.id, region, class_idx, author=author, patch=patch, base_version=base_version)
+        version = self.labels.correct(row.id, region, class_idx, author=author, patch=patch, base_version=base_version)
+        self.rescore(row.id, region, patch_id, since=version - 1)
+        return version
 
     def accept_prediction(self, patch_id: int, model: ModelRef = "active", *, author: str = "script",
                           region: BaseGeometry | None = None, base_version: int | None = None) -> int:
@@ -338,16 +340,21 @@ class Project:
         classes = self.predictions.classes(row.id, patch.id)
         shapes = mask_to_shapes(classes, offset=(patch.x, patch.y), scale=patch.size / classes.shape[1])
         area = patch_box(patch) if region is None else patch_box(patch).intersection(region)
-        return self.labels.edit(patch.slide_id, area, shapes, author=author, patch=patch, base_version=base_version,
-                                message=f"accept prediction of model {row.id}", action="accept")
+        version = self.labels.edit(patch.slide_id, area, shapes, author=author, patch=patch,
+                                   base_version=base_version, message=f"accept prediction of model {row.id}",
+                                   action="accept")
+        self.rescore(patch.slide_id, area, patch_id, since=version - 1)
+        return version
 
     def erase(self, slide: SlideKey, region: BaseGeometry, class_idx: int | None = None, *, author: str = "script",
               patch_id: int | None = None, base_version: int | None = None) -> int:
         """Erase ``region`` to background, only from class ``class_idx`` when given, as a new label version."""
         row = self.slide_row(slide)
         patch = self.patch(patch_id) if patch_id is not None else None
-        return self.labels.edit(row.id, region, [], author=author, message="erase", action="erase", patch=patch,
-                                base_version=base_version, only_class=class_idx or None)
+        version = self.labels.edit(row.id, region, [], author=author, message="erase", action="erase", patch=patch,
+                                   base_version=base_version, only_class=class_idx or None)
+        self.rescore(row.id, region, patch_id, since=version - 1)
+        return version
 
     def edit_annotation(self, slide: SlideKey, annotation_id: int, *, class_idx: int | None = None,
                         geometry: BaseGeometry | None = None, delete: bool = False, author: str = "script",
@@ -359,8 +366,18 @@ class Project:
             raise LabelError(f"slide {row.name}", f"unknown class index {class_idx}")
         what = "delete" if delete else ("reshape" if geometry is not None else "change class of")
         patch = self.patch(patch_id) if patch_id is not None else None
-        return self.labels.replace(row.id, annotation_id, 0 if delete else class_idx, None if delete else geometry,
-                                   author=author, message=f"{what} annotation {annotation_id}", patch=patch)
+        with self.store.read() as s:
+            old = s.scalar(select(AnnotationRow.wkb).where(AnnotationRow.id == annotation_id))
+        version = self.labels.replace(row.id, annotation_id, 0 if delete else class_idx,
+                                      None if delete else geometry, author=author,
+                                      message=f"{what} annotation {annotation_id}", patch=patch)
+        if old is not None:  # the patches under the polygon before and after the edit
+            import shapely
+
+            before = shapely.from_wkb(old)
+            region = before if geometry is None else before.union(geometry)
+            self.rescore(row.id, region, patch_id, since=version - 1)
+        return version
 
     def revert_patch(self, patch_id: int, to_version: int, *, author: str = "script",
                      region: BaseGeometry | None = None) -> int:
@@ -369,11 +386,28 @@ class Project:
 
         patch = self.patch(patch_id)
         area = patch_box(patch) if region is None else region
-        return self.labels.revert(patch.slide_id, area, to_version, author=author, patch=patch)
+        version = self.labels.revert(patch.slide_id, area, to_version, author=author, patch=patch)
+        self.rescore(patch.slide_id, area, patch_id, since=version - 1)
+        return version
 
     def mark_reviewed(self, patch_id: int, author: str, action: str = "reviewed") -> None:
         """Record that a reviewer looked at a patch and kept its labels."""
-        self.labels.mark_reviewed(self.patch(patch_id), author, action)
+        patch = self.patch(patch_id)
+        self.labels.mark_reviewed(patch, author, action)
+        # a reviewed patch counts as labelled: an unlabelled one gets an IoU (its label did not change)
+        self.rescore(patch.slide_id, None, patch_id, since=self.labels.version(patch.slide_id))
+
+    def rescore(self, slide: SlideKey, region: BaseGeometry | None, patch_id: int | None = None,
+                since: int | None = None) -> None:
+        """Re-score the patches a saved edit of ``region`` touched (and the reviewed ``patch_id``) against the
+        stored predictions (:func:`al_core.learn.rescore.rescore_region`). The edit is saved already, so a failure
+        only leaves the old scores (logged), never an unsaved edit."""
+        from al_core.learn.rescore import rescore_region
+
+        try:
+            rescore_region(self, self.slide_row(slide).id, region, patch_id, since)
+        except (ProjectError, OSError, ValueError) as err:
+            log.warning("warning: the edit is saved but its patches keep their old scores: %s", err)
 
     def labelled_patch_ids(self, slide: SlideKey | None = None) -> set[int]:
         """Patches that label geometry touches or a reviewer saw (unlabelled pixels of them are background)."""

@@ -63,7 +63,9 @@ class DeployApp(w.VBox):
         self.slide_picker = w.Dropdown(description="Slide", layout=full, style=narrow)
         self.slide_picker.add_class("slideloop-deploy-slide")
         self.upload = w.FileUpload(accept=",".join(_upload_types()), multiple=False,
-                                   description="Upload slide", layout=w.Layout(width="140px"))
+                                   # it reads "Upload slide (0)" beside its icon; the note beside it shrank
+                                   # the 140 px asked for to 111 and cut it to "Uploa…": a fixed width
+                                   description="Upload slide", layout=w.Layout(width="170px", min_width="170px"))
         self.upload.add_class("slideloop-upload")
         self.run_btn = w.Button(description="Run", icon="play", button_style="primary",
                                 layout=w.Layout(width="120px")).add_class("slideloop-run")

@@ -223,8 +223,9 @@ class ReviewApp(w.VBox):
         done = sum(q.reviewed for q in items)
         self.queue_head.value = (
             "<div style='font:12px ui-monospace,Menlo,Consolas,monospace;color:#333;white-space:pre'>"
-            f"{done}/{len(items)} reviewed   ✓ reviewed ● labelled ○ unlabelled\n"
-            f"{'':2}{'slide':<{_NAME}}{'x':>6} {'y':>6}" + (f"  {'IoU':>5} {'unc':>5}" if st.has_predictions else
+            f"{done}/{len(items)} reviewed   ✓ reviewed ● labelled ○ unlabelled"
+            + ("   Δ changed since predicted" if any(q.changed for q in items) else "") + "\n"
+            f"{'':3}{'slide':<{_NAME}}{'x':>6} {'y':>6}" + (f"  {'IoU':>5} {'unc':>5}" if st.has_predictions else
                                                               "   (no scores yet)") + "</div>")
 
     def _show_pending(self) -> None:
@@ -338,7 +339,7 @@ def _opacity(value: float, css: str) -> w.FloatSlider:
 
 
 def _queue_label(q: QueueItem) -> str:
-    mark = "✓" if q.reviewed else ("●" if q.labelled else "○")
+    mark = ("✓" if q.reviewed else ("●" if q.labelled else "○")) + ("Δ" if q.changed else " ")
     iou = "  -  " if q.iou is None else f"{q.iou:5.2f}"
     unc = "  -  " if q.uncertainty is None else f"{q.uncertainty:5.2f}"
     if q.iou is None and q.uncertainty is None:

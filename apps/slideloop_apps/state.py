@@ -61,6 +61,8 @@ class QueueItem:
     uncertainty: float | None
     reviewed: bool
     labelled: bool
+    #: its label changed since the ranking model predicted it (the IoU is against the new label already)
+    changed: bool = False
 
 
 class AppState(HasTraits):
@@ -224,10 +226,12 @@ class AppState(HasTraits):
         """Lowest IoU first (labelled), then most uncertain (unlabelled); ``None`` (and :attr:`model_problem`
         set) when the model has no stored predictions."""
         from al_core.learn.rank import review_queue  # pandas: not before a model exists (first paint)
+        from al_core.learn.rescore import changed_since_prediction
 
         try:
             frames = [review_queue(self.project, self.model_id, by=by, fraction=1.0)
                       for by in ("iou", "entropy")]
+            changed = changed_since_prediction(self.project, self.model_id) if self.model_id is not None else set()
         except SlideloopError as err:
             self.model_problem = str(err)
             return None
@@ -240,7 +244,8 @@ class AppState(HasTraits):
                 seen.add(pid)
                 slide = str(r["slide"])
                 out.append(QueueItem(pid, ids[slide], slide, int(r["x"]), int(r["y"]), int(r["size"]),
-                                     _number(r["iou"]), _number(r["entropy"]), pid in reviewed, pid in labelled))
+                                     _number(r["iou"]), _number(r["entropy"]), pid in reviewed, pid in labelled,
+                                     pid in changed))
         # patches the model did not score (e.g. labelled after it predicted) still get a row, at the end
         return out + [q for q in self._plain_queue() if q.patch_id not in seen]
 
@@ -390,6 +395,7 @@ class AppState(HasTraits):
         region, to_version = step
         try:
             version = self.project.labels.revert(self.slide_id, region, to_version, author=self.author)
+            self.project.rescore(self.slide_id, region, since=version - 1)
         except SlideloopError as err:
             self.say(f"Not {'redone' if redo else 'undone'}: {err}", "error")
             return None

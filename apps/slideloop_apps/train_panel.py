@@ -38,6 +38,8 @@ from slideloop_apps.ui import message_html
 
 log = logging.getLogger(__name__)
 
+#: width of the widest controls (the model and encoder dropdowns)
+_WIDE = "400px"
 #: the "Start from" choice of a new model (a Dropdown shows nothing for None; model ids start at 1)
 NEW = 0
 #: seconds between two looks at the store
@@ -66,10 +68,11 @@ class TrainPanel(w.VBox):
 
         layout = w.Layout(width="260px")
         style = {"description_width": "110px"}
+        # the model and encoder choices hold the longest texts ("model 12 (tu-mobilenetv3_small_050)"): wider
         self.from_model = w.Dropdown(options=[("new model", NEW)], value=NEW, description="Start from",
-                                     layout=layout, style=style).add_class("slideloop-from")
+                                     layout=w.Layout(width=_WIDE), style=style).add_class("slideloop-from")
         self.encoder = w.Dropdown(options=list(ENCODERS), value=TrainSettings.encoder, description="Encoder",
-                                  layout=layout, style=style).add_class("slideloop-encoder")
+                                  layout=w.Layout(width=_WIDE), style=style).add_class("slideloop-encoder")
         self.epochs = w.BoundedIntText(TrainSettings.epochs, min=1, max=500, description="Epochs", layout=layout,
                                        style=style).add_class("slideloop-epochs")
         self.batch = w.BoundedIntText(TrainSettings.batch_size, min=1, max=256, description="Batch size",
@@ -102,7 +105,7 @@ class TrainPanel(w.VBox):
 
         controls = w.VBox([w.HTML("<h4>Train</h4>"), self.from_model, self.encoder, self.epochs, self.batch,
                            self.lr, self.max_steps, self.augment, w.HBox([self.train_btn, self.cancel_btn])],
-                          layout=w.Layout(width="300px", min_width="300px"))
+                          layout=w.Layout(width="410px", min_width="410px"))
         run = w.VBox([w.HTML("<h4>Run</h4>"), self.status, self.progress, self.timing,
                       w.HTML("<h4>Learning curves</h4>"), self.curves, self.curve_caption],
                      layout=w.Layout(flex="1 1 auto", padding="0 0 0 16px"))

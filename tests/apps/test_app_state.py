@@ -214,3 +214,42 @@ def test_an_edit_drawn_after_someone_saved_unseen_is_drawn_on_the_version_shown(
     state.undo()
     assert state.add_drawn(_feature([(100, 100), (300, 100), (300, 300), (100, 300)]))
     assert state.save() == theirs + 1
+
+
+@pytest.mark.slow
+def test_a_saved_correction_rescores_its_queue_row_and_marks_it_changed(trained_copy: tuple[Path, int]) -> None:
+    from slideloop_apps.review import _queue_label
+
+    root, _ = trained_copy
+    with Project.open(root) as proj:
+        state = AppState(proj, author="tester")
+        assert not any(q.changed for q in state.queue)
+        worst = state.queue[0]
+        assert worst.iou is not None and worst.iou < 0.99 and not worst.changed
+        assert state.step(+1) == worst.patch_id
+        assert state.accept_prediction() is not None
+        row = next(q for q in state.queue if q.patch_id == worst.patch_id)
+        # scored against the new label at once (it is the stored prediction now), and marked as changed
+        assert row.iou == pytest.approx(1.0, abs=0.02) and row.changed and row.reviewed
+        assert "Δ" in _queue_label(row) and "Δ" not in _queue_label(state.queue[1])
+        state.refresh_queue()
+        assert state.queue[0].patch_id != worst.patch_id  # a fresh queue ranks it by its new score
+        ranked = [q.iou for q in state.queue if q.iou is not None]
+        assert ranked == sorted(ranked)
+
+        # a drawn correction: the next patch painted all one class, the one it mostly is not
+        nxt = state.queue[0]
+        patch = state.select_patch(nxt.patch_id)
+        mode = 1 if proj.label_mask(patch).mean() < 0.5 else 0
+        assert state.add_region(mode, box(patch.x, patch.y, patch.x + patch.size, patch.y + patch.size))
+        assert state.save() is not None, state.message
+        now = next(q for q in state.queue if q.patch_id == nxt.patch_id)
+        assert now.changed and now.iou is not None and now.iou != pytest.approx(nxt.iou, abs=1e-3)
+        changed = {q.patch_id for q in state.queue if q.changed}
+        assert {worst.patch_id, nxt.patch_id} <= changed
+        # any other marked patch is a neighbour whose (overlapping) square the edits reached
+        edited = [proj.patch(i) for i in (worst.patch_id, nxt.patch_id)]
+        squares = [box(p.x, p.y, p.x + p.size, p.y + p.size) for p in edited]
+        for q in state.queue:
+            if q.changed and q.patch_id not in (worst.patch_id, nxt.patch_id):
+                assert any(box(q.x, q.y, q.x + q.size, q.y + q.size).intersection(sq).area > 0 for sq in squares)

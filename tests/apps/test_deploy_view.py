@@ -121,12 +121,16 @@ def test_deployment_view_runs_a_pushed_model_and_shows_the_overlay(server: AppSe
         status, body, _ = server.get("slideloop/tiles/1/3/2/3.jpeg")
         assert status == 200
         Image.open(io.BytesIO(body)).save(png)
+        # its label ("Upload slide (0)") shows whole, not cut to "Uploa…"
+        fit = page.eval_on_selector(".slideloop-upload", "e => [e.scrollWidth, e.clientWidth, e.innerText]")
+        assert fit[0] <= fit[1], fit
         with page.expect_file_chooser() as chooser:  # the widget's <input type=file> is not in the DOM
             page.click(".slideloop-upload")
         chooser.value.set_files(str(png))
         page.wait_for_function("() => document.querySelector('.slideloop-message').innerText.includes('Added slide')",
                                timeout=TIMEOUT)
-        assert page.locator(".slideloop-deploy-slide select").input_value() == "crop_region"
+        # a slide without µm/px is labelled so in the picker
+        assert page.locator(".slideloop-deploy-slide select").input_value() == "crop_region (uncalibrated)"
         assert "No result for this slide yet" in page.inner_text(".slideloop-timings")
         # a slide without µm/px: the model's scale cannot be found, and the view says so
         page.click("button.slideloop-run")

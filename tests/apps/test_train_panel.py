@@ -101,6 +101,13 @@ def _latest_done(project_dir: Path) -> int | None:
         return AppState(proj).latest_model_id()
 
 
+#: the widest option text of a <select>, its horizontal padding (room for the arrow) and its inner width
+_FITS = """e => { const c = document.createElement('canvas').getContext('2d'); const st = getComputedStyle(e);
+  c.font = `${st.fontSize} ${st.fontFamily}`;
+  const widest = Math.max(...[...e.options].map(o => c.measureText(o.text).width));
+  return [widest, parseFloat(st.paddingLeft) + parseFloat(st.paddingRight), e.clientWidth]; }"""
+
+
 def test_retrain_from_the_panel(server, project_dir: Path, tmp_path: Path) -> None:
     """A new model from the panel on a project without one: progress, curve, versions, re-ranked queue."""
     srv = server
@@ -160,6 +167,12 @@ def test_retrain_from_the_panel(server, project_dir: Path, tmp_path: Path) -> No
         assert re.search(r"0\.\d{3}", row)  # the metric columns are filled
         page.wait_for_timeout(500)
         save_screenshot(page, tmp_path, "train-2-finished")
+        # every "Start from" and encoder choice fits its dropdown (not cut to "model 1 (resnet1")
+        texts = page.eval_on_selector_all(".slideloop-from option", "os => os.map(o => o.text)")
+        assert any(t.replace("\xa0", " ").startswith(f"model {model_id} ") for t in texts), texts  # nbsp: ipywidgets
+        for css in (".slideloop-from select", ".slideloop-encoder select"):
+            text, padding, width = page.eval_on_selector(css, _FITS)
+            assert text + padding <= width, (css, text, padding, width)
 
         # --- the queue re-ranked with the new model, the prediction overlay is drawn --------------------
         page.locator(".lm-TabBar-tab", has_text="Review").click()
