@@ -69,7 +69,8 @@ class AppServer:
         Use it instead of ``"Traceback" not in log_text()`` where a page reload races Jupyter's own kernel
         websocket handling: the reloaded page's old socket can log jupyter_server's
         ``'NoneType' object has no attribute 'kernel_ws_protocol'`` (jupyter-server/jupyter_server#1265),
-        which is not the app's."""
+        which is not the app's; nor is tornado's ``WebSocketClosedError`` when a closed page's socket is still
+        being written to (pages now shut their kernel down as they close)."""
         blocks, current = [], None
         for line in self.log_text().splitlines():
             if line.strip().startswith("Traceback (most recent call last)"):

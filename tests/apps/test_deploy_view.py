@@ -153,4 +153,4 @@ def test_deployment_view_runs_a_pushed_model_and_shows_the_overlay(server: AppSe
         save_screenshot(page, tmp_path, "deploy-3-zoomed")
 
         assert outside_requests(requests) == []
-        assert "Traceback" not in server.log_text()
+        assert server.app_tracebacks() == []

@@ -49,4 +49,4 @@ def test_switch_to_the_kept_back_model_and_back(trained: tuple[Path, int], tmp_p
         with Project.open(root) as proj:
             assert proj.models.active().id == first
         assert outside_requests(requests) == []
-    assert "Traceback" not in srv.log_text()
+    assert srv.app_tracebacks() == []

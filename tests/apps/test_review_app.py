@@ -157,7 +157,7 @@ def test_review_session(project_dir: Path, tmp_path: Path) -> None:
 
         # --- nothing left this machine -----------------------------------------------------------------
         assert outside_requests(requests) == []
-        assert "Traceback" not in srv.log_text()
+        assert srv.app_tracebacks() == []
 
 
 def _label_alpha(srv, z: int, x: int, y: int) -> int:
@@ -188,4 +188,4 @@ def test_correction_persists_after_restart(tmp_path: Path, sample_svs: Path) -> 
     with app_server(root, tmp_path / "second") as srv:
         assert _label_alpha(srv, z, x, y) == 255
         assert _label_alpha(srv, z, x + 2, y) == 0  # and only there
-        assert "Traceback" not in srv.log_text()
+        assert srv.app_tracebacks() == []

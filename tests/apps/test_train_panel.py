@@ -191,7 +191,7 @@ def test_retrain_from_the_panel(server, project_dir: Path, tmp_path: Path) -> No
     with Project.open(project_dir) as proj, proj.store.read() as s:
         job = s.scalars(select(JobRow).where(JobRow.kind == "train")).one()
         assert job.status == "done" and json.loads(job.result)["model_id"] == model_id
-    assert "Traceback" not in srv.log_text()
+    assert srv.app_tracebacks() == []
 
 
 def test_cancel_after_refresh_keeps_previous_model(with_model: tuple[Path, int], scheduler: str,
