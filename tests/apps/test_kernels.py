@@ -44,21 +44,23 @@ def wait_for_kernels(srv: AppServer, expected: set[str], timeout: float = 60) ->
     return ids
 
 
-def test_closing_each_view_shuts_its_kernel_down(demo: Path, tmp_path: Path) -> None:
+# one view per test, so each stays well inside the per-test timeout on a slow CI machine
+@pytest.mark.parametrize("notebook", list(READY))
+def test_closing_each_view_shuts_its_kernel_down(demo: Path, tmp_path: Path, notebook: str) -> None:
+    ready = READY[notebook]
     with app_server(demo, tmp_path) as srv, browser_page() as (page, _):
         baseline = kernel_ids(srv)
         # tabs of one browser window: closing a tab leaves the browser running to send the page's last request
         window = page.context.browser.new_context()
         page.close()
-        for notebook, ready in READY.items():
-            for visit in range(VISITS):
-                page = window.new_page()  # a new tab each visit
-                page.goto(f"{srv.url}voila/render/{notebook}?token={srv.token}")
-                page.wait_for_selector(ready, timeout=TIMEOUT)
-                assert len(kernel_ids(srv) - baseline) == 1, f"{notebook} visit {visit}: one kernel of its own"
-                page.close(run_before_unload=True)  # as a closed tab: Voilà's unload handler runs
-                left = wait_for_kernels(srv, baseline)
-                assert left == baseline, f"{notebook} visit {visit}: kernels left running: {left - baseline}"
+        for visit in range(VISITS):
+            page = window.new_page()  # a new tab each visit
+            page.goto(f"{srv.url}voila/render/{notebook}?token={srv.token}")
+            page.wait_for_selector(ready, timeout=TIMEOUT)
+            assert len(kernel_ids(srv) - baseline) == 1, f"{notebook} visit {visit}: one kernel of its own"
+            page.close(run_before_unload=True)  # as a closed tab: Voilà's unload handler runs
+            left = wait_for_kernels(srv, baseline)
+            assert left == baseline, f"{notebook} visit {visit}: kernels left running: {left - baseline}"
         assert "_xsrf' argument missing" not in srv.log_text()
         assert srv.app_tracebacks() == []
 
