@@ -209,11 +209,12 @@ class TrainPanel(w.VBox):
             text, level = f"Job {v.job_id} failed: {v.error or 'no error recorded'}. {keep[0].upper()}{keep[1:]}.", "error"
         if v.active and v.cancel_requested:
             text += " Cancelling: it stops at its next step."
-        self._say(text, level)
-        self._set_busy(v.active, cancelling=v.cancel_requested)
+        # the bar before the words: a reader who sees "finished" should not see the bar short of full
         if abs(self.progress.value - v.fraction) > 1e-6:
             self.progress.value = v.fraction
         self.progress.bar_style = {"done": "success", "failed": "danger", "cancelled": "warning"}.get(v.status, "")
+        self._say(text, level)
+        self._set_busy(v.active, cancelling=v.cancel_requested)
         timing = []
         if v.elapsed is not None:
             timing.append(f"elapsed {_clock(v.elapsed)}")

@@ -91,6 +91,11 @@ def _progress(page) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+_BAR_FULL = """() => /width:\\s*100(\\.0+)?%/.test(
+    document.querySelector('.slideloop-train-progress .progress-bar')?.getAttribute('style') || '')"""
+_TWO_EPOCHS = "() => /\\b2 epochs plotted/.test(document.querySelector('.slideloop-curve-caption')?.innerText || '')"
+
+
 def _epochs_plotted(page) -> int:
     m = re.search(r"(\d+) epochs? plotted", page.inner_text(".slideloop-curve-caption"))
     return int(m.group(1)) if m else 0
@@ -154,7 +159,10 @@ def test_retrain_from_the_panel(server, project_dir: Path, tmp_path: Path) -> No
         partial = [p for p in seen_progress if 0 < p < 100]
         assert len(set(partial)) >= 2, f"the progress bar did not move during training: {seen_progress}"
         assert partial == sorted(partial)
+        # each widget's update is its own message: give the bar and the curve a moment to catch up
+        page.wait_for_function(_BAR_FULL, timeout=10_000)
         assert _progress(page) == pytest.approx(100.0)
+        page.wait_for_function(_TWO_EPOCHS, timeout=10_000)
         assert _epochs_plotted(page) == 2 and 1 in seen_points + [_epochs_plotted(page)]
         assert max(seen_points) <= 2
 
