@@ -138,6 +138,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criterion: tor
                 if len(val_ds) else {}
             monitor = _monitor(val, train_loss, settings.monitor)
             entry = {"epoch": epoch, "steps": run.steps, "train_loss": train_loss,
+                     "lr": optimizer.param_groups[0]["lr"],  # at the epoch's end: the schedule, as run
                      **{f"val_{k}": v for k, v in val.items()}, "seconds": round(time.perf_counter() - te, 3)}
             improved = monitor < best_loss - 1e-7
             if improved:

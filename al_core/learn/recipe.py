@@ -3,7 +3,9 @@
 ``default`` is built to converge from scratch in minutes on a CPU: cross-entropy + Dice (ignore pixels
 excluded), AdamW at 1e-3 with a 5 % linear warm-up and a cosine decay, the paper's augmentation plus HED
 stain jitter, an ImageNet-pretrained encoder when its weights are already on this machine (never downloaded
-by default), and the best checkpoint chosen by validation IoU. ``paper`` is the NoCodeSeg/DeepMIB setting:
+by default), and the best checkpoint chosen by validation IoU. A retrain from the last model (the loop's
+rounds) continues at a tenth of that rate with no warm-up: the parent's weights and Adam moments are already
+settled, and a fresh warm-up to 1e-3 would throw away part of what the last round learned. ``paper`` is the NoCodeSeg/DeepMIB setting:
 cross-entropy, Adam 5e-5 with L2 1e-4 at a constant rate, the paper's augmentation, validation loss.
 """
 
@@ -36,11 +38,18 @@ class Recipe:
     stain_jitter: bool = False
     pretrained_if_cached: bool = False
     monitor: str = "loss"
+    #: a run that continues a parent model: its peak rate is ``lr`` times this, with this warm-up share
+    continue_lr_factor: float = 1.0
+    continue_warmup_fraction: float = 0.0
+
+    def base_lr(self, continuing: bool) -> float:
+        """The peak learning rate of a run from scratch or of one that continues a parent."""
+        return self.lr * (self.continue_lr_factor if continuing else 1.0)
 
 
 RECIPES = {
     "default": Recipe("default", "adamw", 1e-3, 1e-2, "dice_ce", "warmup_cosine", stain_jitter=True,
-                      pretrained_if_cached=True, monitor="iou"),
+                      pretrained_if_cached=True, monitor="iou", continue_lr_factor=0.1),
     "paper": Recipe("paper", "adam", 5e-5, 1e-4, "ce", "constant"),
 }
 
@@ -54,9 +63,9 @@ def get_recipe(name: str) -> Recipe:
 
 
 def make_optimizer(recipe: Recipe, params: Iterable[torch.nn.Parameter], lr: float | None,
-                   weight_decay: float | None) -> torch.optim.Optimizer:
+                   weight_decay: float | None, continuing: bool = False) -> torch.optim.Optimizer:
     """The recipe's optimizer; ``lr``/``weight_decay`` override its values when given."""
-    lr = recipe.lr if lr is None else lr
+    lr = recipe.base_lr(continuing) if lr is None else lr
     wd = recipe.weight_decay if weight_decay is None else weight_decay
     if recipe.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
@@ -71,12 +80,14 @@ def make_criterion(recipe: Recipe, ignore_index: int, weight: torch.Tensor | Non
 
 
 def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_steps: int,
-                   max_seconds: float | None = None) -> torch.optim.lr_scheduler.LRScheduler | None:
+                   max_seconds: float | None = None,
+                   continuing: bool = False) -> torch.optim.lr_scheduler.LRScheduler | None:
     """Warm-up + cosine over ``total_steps`` (or over ``max_seconds`` of wall time, whichever ends first);
-    ``None`` for a constant rate."""
+    ``None`` for a constant rate. A run that continues a parent uses the recipe's continuation warm-up."""
     if recipe.schedule == "constant":
         return None
-    return warmup_cosine(optimizer, total_steps, recipe.warmup_fraction, max_seconds=max_seconds)
+    warmup = recipe.continue_warmup_fraction if continuing else recipe.warmup_fraction
+    return warmup_cosine(optimizer, total_steps, warmup, max_seconds=max_seconds)
 
 
 class RecipeAugment:

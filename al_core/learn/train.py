@@ -201,7 +201,8 @@ def train(project: Project, options: TrainOptions | None = None, *, from_model: 
     settings = FitSettings(opts.epochs, opts.batch_size, opts.patience, device, amp, opts.max_steps, opts.seed,
                            opts.max_seconds, recipe.monitor)
     total = opts.epochs * -(-len(train_ds) // opts.batch_size)
-    scheduler = make_scheduler(recipe, optimizer, min(total, opts.max_steps or total), opts.max_seconds)
+    scheduler = make_scheduler(recipe, optimizer, min(total, opts.max_steps or total), opts.max_seconds,
+                               continuing=ckpt is not None)
     try:
         outcome = fit(model, optimizer, criterion, train_ds, val_ds, config, settings, on_epoch=on_epoch,
                       report=report, cancel=cancel, scheduler=scheduler)
@@ -308,14 +309,15 @@ def _model_and_optimizer(config: ModelConfig, ckpt: Checkpoint | None, source: s
     # Module.to takes memory_format at run time; torch's type stubs do not list it
     model.to(device=device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     recipe = get_recipe(opts.recipe)
-    optimizer = make_optimizer(recipe, model.parameters(), opts.lr, opts.weight_decay)
+    continuing = ckpt is not None
+    optimizer = make_optimizer(recipe, model.parameters(), opts.lr, opts.weight_decay, continuing)
     if ckpt is not None and ckpt.optimizer is not None:
         try:
             optimizer.load_state_dict(ckpt.optimizer)
         except (ValueError, KeyError) as err:
             report(Progress("note", message=f"the parent's optimizer state was not reused ({err})"))
         for group in optimizer.param_groups:  # this run's settings win over the saved ones
-            group["lr"] = recipe.lr if opts.lr is None else opts.lr
+            group["lr"] = recipe.base_lr(continuing) if opts.lr is None else opts.lr
             group["weight_decay"] = recipe.weight_decay if opts.weight_decay is None else opts.weight_decay
             group["initial_lr"] = group["lr"]  # the schedule scales this run's rate, not the parent's
             if "decoupled_weight_decay" in group:  # a parent saved by Adam would turn AdamW back into Adam
@@ -327,7 +329,8 @@ def _open_row(project: Project, parent: ModelRow | None, config: ModelConfig, op
               train_idx: npt.NDArray[np.int64], val_idx: npt.NDArray[np.int64], device: torch.device,
               amp: torch.dtype | None) -> int:
     """The new model version's row (status ``training``); returns its id."""
-    hparams = asdict(opts) | {"device": str(device), "precision": precision_name(amp),
+    peak = opts.lr if opts.lr is not None else get_recipe(opts.recipe).base_lr(continuing=parent is not None)
+    hparams = asdict(opts) | {"device": str(device), "precision": precision_name(amp), "peak_lr": peak,
                               "train_patches": len(train_idx), "val_patches": len(val_idx)}
     label_versions = {s.name: project.labels.version(s.id) for s in project.slides()}
     pid, host = this_process()  # a run whose process dies is then noticed (al_core.project.reaper)

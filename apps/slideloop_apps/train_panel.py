@@ -29,7 +29,9 @@ from slideloop_apps.training import (
     LOWER_IS_BETTER,
     METRICS,
     NEW_MODEL_EPOCHS,
+    NEW_MODEL_LR,
     RETRAIN_EPOCHS,
+    RETRAIN_LR,
     RunView,
     TrainingService,
     TrainSettings,
@@ -310,9 +312,13 @@ class TrainPanel(w.VBox):
                     self.encoder.options = [*self.encoder.options, parent.encoder]
                 self.encoder.value = parent.encoder
                 self._parent_encoder = True
-        # the epoch default follows the choice, unless the user typed another number
+        # the epoch and rate defaults follow the choice, unless the user typed other numbers: a continued
+        # model fine-tunes at the recipe's lower rate rather than restarting at a from-scratch one
+        new = self.from_model.value == NEW
         if self.epochs.value in (NEW_MODEL_EPOCHS, RETRAIN_EPOCHS):
-            self.epochs.value = NEW_MODEL_EPOCHS if self.from_model.value == NEW else RETRAIN_EPOCHS
+            self.epochs.value = NEW_MODEL_EPOCHS if new else RETRAIN_EPOCHS
+        if any(abs(self.lr.value - v) < 1e-12 for v in (NEW_MODEL_LR, RETRAIN_LR)):
+            self.lr.value = NEW_MODEL_LR if new else RETRAIN_LR
 
     # --- widgets → service ---------------------------------------------------------------------------
     def settings(self) -> TrainSettings:

@@ -27,6 +27,10 @@ ENCODERS = ("resnet18", "resnet34", "tu-mobilenetv3_small_050")
 #: default epochs when continuing from a model (the loop's usual round) and for a new model
 RETRAIN_EPOCHS = 1
 NEW_MODEL_EPOCHS = 2
+#: the default recipe's peak learning rates (al_core.learn.recipe) for a new model and a continued one; kept
+#: as numbers here so the dashboard's kernel does not import torch to draw a text box
+NEW_MODEL_LR = 1e-3
+RETRAIN_LR = 1e-4
 #: the per-model metrics shown (keys of a ModelRow's ``metrics``: the best epoch of the run), with titles
 METRICS = (("val_macro_iou", "val IoU"), ("val_macro_dice", "val Dice"), ("val_pixel_accuracy", "val pixel acc"),
            ("val_loss", "val loss"), ("train_loss", "train loss"))
@@ -45,7 +49,7 @@ class TrainSettings:
     encoder: str = "resnet18"
     epochs: int = NEW_MODEL_EPOCHS
     batch_size: int = 4
-    lr: float = 1e-3
+    lr: float = NEW_MODEL_LR
     augment: bool = True
     #: continue from this model version (its encoder and weights); ``None`` trains a new model
     from_model: int | None = None

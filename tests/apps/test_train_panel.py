@@ -212,6 +212,9 @@ def test_cancel_after_refresh_keeps_previous_model(with_model: tuple[Path, int],
         _open_train_tab(page, srv)
         # continue from the last model, as a reviewer would after corrections
         page.locator(".slideloop-from select").select_option(label=f"model {before} ({TINY})")
+        # continuing fine-tunes at the recipe's lower rate: the box follows the choice
+        page.wait_for_function("() => Number(document.querySelector('.slideloop-lr input').value) === 0.0001",
+                               timeout=10_000)
         _set(page, "slideloop-epochs", "200")
         _set(page, "slideloop-batch", "2")
         page.click("button.slideloop-train")
@@ -243,6 +246,7 @@ def test_cancel_after_refresh_keeps_previous_model(with_model: tuple[Path, int],
         newest = s.scalars(select(ModelRow).order_by(ModelRow.id.desc())).first()
         assert newest is not None and newest.id != before and newest.status == "cancelled"
         assert newest.parent_id == before and jobs[0].model_id == newest.id  # the job knows its model
+        assert json.loads(newest.hparams)["peak_lr"] == pytest.approx(1e-4)
 
 
 def test_failed_run_shows_its_error(generated_pyramid: Path, tmp_path: Path) -> None:
@@ -275,6 +279,15 @@ def test_settings_are_checked_before_queueing() -> None:
     params = TrainSettings(from_model=3, encoder="resnet34").job_params()
     assert params["from_model"] == 3 and "encoder" not in params  # a continued model keeps its encoder
     assert TrainSettings().job_params()["encoder"] == "resnet18"
+
+
+def test_the_panel_rates_are_the_recipe_s() -> None:
+    from slideloop_apps.training import NEW_MODEL_LR, RETRAIN_LR
+
+    from al_core.learn.recipe import get_recipe
+
+    default = get_recipe("default")
+    assert (NEW_MODEL_LR, RETRAIN_LR) == (default.base_lr(False), pytest.approx(default.base_lr(True)))
 
 
 def _no_cluster():

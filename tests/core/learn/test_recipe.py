@@ -12,7 +12,14 @@ import torch
 from _engine import TINY, make_project
 
 from al_core.learn.losses import DiceCELoss
-from al_core.learn.recipe import RECIPES, RecipeAugment, cached_encoder_weights, get_recipe, make_optimizer
+from al_core.learn.recipe import (
+    RECIPES,
+    RecipeAugment,
+    cached_encoder_weights,
+    get_recipe,
+    make_optimizer,
+    make_scheduler,
+)
 from al_core.learn.schedule import warmup_cosine, warmup_cosine_factor
 from al_core.learn.stain_aug import HEDJitter, hed_jitter
 from al_core.learn.train import TrainOptions, train
@@ -116,6 +123,27 @@ def test_train_with_each_recipe_records_it(tmp_path, sample_svs, sample_geojson)
     best = max(hist, key=lambda h: (h["val_macro_iou"], -h["epoch"]))
     assert res.best_epoch == best["epoch"]
     assert json.loads(rows[res.model_id].config)["encoder_weights"] is None  # nothing cached for this encoder
+
+
+def test_a_continued_run_starts_at_a_tenth_of_the_rate_without_warm_up(tmp_path, sample_svs, sample_geojson):
+    default = get_recipe("default")
+    opt = make_optimizer(default, [torch.nn.Parameter(torch.zeros(1))], None, None, continuing=True)
+    sched = make_scheduler(default, opt, 10, continuing=True)
+    assert sched is not None and opt.param_groups[0]["lr"] == pytest.approx(default.lr / 10)  # step 0: the peak
+    fresh = make_optimizer(default, [torch.nn.Parameter(torch.zeros(1))], None, None)
+    make_scheduler(default, fresh, 100)
+    assert fresh.param_groups[0]["lr"] < default.lr / 4  # from scratch: warm-up first
+    with make_project(tmp_path / "p", sample_svs, sample_geojson) as proj:
+        first = train(proj, TrainOptions(epochs=2, max_steps=6, val_fraction=0.2, seed=0), **TINY)
+        again = train(proj, TrainOptions(epochs=1, max_steps=4, val_fraction=0.2, seed=0), from_model="latest")
+        chosen = train(proj, TrainOptions(epochs=1, max_steps=2, lr=3e-3, seed=0), from_model="latest")
+        hp = {r.id: json.loads(r.hparams) for r in proj.models.list()}
+    assert hp[first.model_id]["peak_lr"] == pytest.approx(default.lr)
+    assert hp[again.model_id]["peak_lr"] == pytest.approx(default.lr / 10)
+    assert hp[chosen.model_id]["peak_lr"] == pytest.approx(3e-3)  # a rate the user set is kept
+    # the continued run's rate only falls: its last epoch ends below its peak, never above it
+    assert 0 < again.history[-1]["lr"] < default.lr / 10
+    assert first.history[0]["lr"] > again.history[-1]["lr"]
 
 
 def test_time_budget_stops_training(tmp_path, sample_svs, sample_geojson):
