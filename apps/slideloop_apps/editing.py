@@ -20,6 +20,13 @@ from al_core.project.label_edits import (
     step_brush,
     wand_at,
 )
+from al_core.project.vertex_edits import (
+    MAX_EDITABLE_VERTICES,
+    delete_vertex,
+    insert_vertex,
+    move_vertex,
+    vertices,
+)
 from al_core.tiles.pyramid import Pyramid
 from slideloop_apps.state import ACCEPT, AppState
 
@@ -35,6 +42,14 @@ def screen_to_slide(pyramid: Pyramid, center: Sequence[float], zoom: float, size
     wx = center[1] * scale + point[0] - size[0] / 2
     wy = -center[0] * scale + point[1] - size[1] / 2
     return pyramid.from_latlng(-wy / scale, wx / scale)
+
+
+def slide_to_offset(pyramid: Pyramid, center: Sequence[float], zoom: float, x: float, y: float) -> tuple[float, float]:
+    """Where level-0 px (x, y) is on screen, in px from the map container's centre (the inverse of
+    :func:`screen_to_slide`; the browser adds half its size, which only it knows)."""
+    lat, lng = pyramid.to_latlng(x, y)
+    scale = 2.0**zoom
+    return lng * scale - center[1] * scale, -lat * scale + center[0] * scale
 
 
 def level0_per_screen_px(pyramid: Pyramid, zoom: float) -> float:
@@ -122,9 +137,61 @@ class Editor(HasTraits):
         if self.picked is None:
             self.state.say("No saved polygon there.")
         else:
-            self.state.say(f"Polygon {self.picked} picked: a class key (1–9) changes its class, Delete removes it; "
-                           "each is saved as a new label version.")
+            self.state.say(f"Polygon {self.picked} picked: drag a vertex to move it, drag an edge's midpoint to "
+                           "add one, Alt-click a vertex to delete it; a class key (1–9) changes its class, Delete "
+                           "removes it. Each is saved as a new label version.")
         return self.picked
+
+    def picked_geometry(self) -> BaseGeometry | None:
+        """The picked polygon's saved geometry (level-0 px), or None."""
+        if self.picked is None:
+            return None
+        return next((a.geometry for a in self.state.project.annotations(self.state.slide_id)
+                     if a.id == self.picked), None)
+
+    def editable_vertices(self) -> list[tuple[float, float]]:
+        """The picked polygon's vertices to show as handles (none when nothing is picked or it has too many)."""
+        geom = self.picked_geometry()
+        if geom is None:
+            return []
+        try:
+            pts = vertices(geom)
+        except ValueError:
+            return []
+        return pts if len(pts) <= MAX_EDITABLE_VERTICES else []
+
+    def edit_vertex(self, op: str, index: int, x: float = 0.0, y: float = 0.0) -> int | None:
+        """Move vertex ``index`` of the picked polygon to level-0 (x, y), insert one after it at (x, y), or
+        delete it (``op``: move, insert, delete); saved as one label version, and the polygon stays picked."""
+        geom, st, picked = self.picked_geometry(), self.state, self.picked
+        if geom is None or picked is None:
+            return None
+        edits = {"move": lambda: move_vertex(geom, index, x, y), "insert": lambda: insert_vertex(geom, index, x, y),
+                 "delete": lambda: delete_vertex(geom, index)}
+        if op not in edits:
+            raise ValueError(f"unknown vertex edit {op!r}")
+        try:
+            new = edits[op]()
+        except ValueError as err:
+            st.say(f"Not changed: {err}.", "error")
+            return None
+        before = st.project.label_version(st.slide_id)
+        try:
+            version = st.project.edit_annotation(st.slide_id, picked, geometry=new, author=st.author,
+                                                 patch_id=st.patch_id)
+        except SlideloopError as err:
+            st.say(f"Not changed: {err}", "error")
+            return None
+        st.history.record(geom.union(new), before, version)
+        st.refetch()
+        st.refresh_queue(keep_order=True)
+        # the reshaped polygon is a new row: pick it again so the next drag edits it
+        px, py = new.representative_point().coords[0]
+        anns = st.project.annotations(st.slide_id, region=(px - 1, py - 1, px + 1, py + 1))
+        self.picked = annotation_at([(a.id, a.class_idx, a.geometry) for a in anns], px, py)
+        done = {"move": "Moved a vertex of", "insert": "Added a vertex to", "delete": "Deleted a vertex of"}[op]
+        st.say(f"{done} the polygon (label version {version}).")
+        return version
 
     def edit_picked(self, class_idx: int | None = None, delete: bool = False) -> int | None:
         """Change the picked polygon's class or delete it, as one label version."""
@@ -154,5 +221,5 @@ _TOOL_HELP = {
     "eraser": "Eraser ({r:g} µm): paint background; [ and ] resize; s saves.",
     "accept": "Accept brush ({r:g} µm): where you paint, the label takes the model's prediction; s saves.",
     "wand": "Wand (tolerance {t:g}): click a region; Shift adds, Alt subtracts; - and = change the tolerance.",
-    "select": "Select: click a saved polygon, then 1–9 changes its class or Delete removes it.",
+    "select": "Select: click a saved polygon, then drag its vertices, 1–9 changes its class or Delete removes it.",
 }

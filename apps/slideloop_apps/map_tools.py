@@ -22,7 +22,8 @@ from slideloop_apps.keys import KEYMAP
 class MapTools(anywidget.AnyWidget):
     """Keys anywhere on the page and pointer strokes/clicks over the map, sent to the kernel as messages:
     ``{"kind": "key", "key": ...}``, ``{"kind": "stroke", "points": [[x, y], ...], "size": [w, h], ...}`` and
-    ``{"kind": "click", "point": [x, y], "size": [w, h], "shift": ..., "alt": ...}`` (map container px)."""
+    ``{"kind": "click", "point": [x, y], "size": [w, h], "shift": ..., "alt": ...}`` and ``{"kind": "vertex",
+    "op": "move" | "insert" | "delete", "index": i, "point": [x, y], "size": [w, h]}`` (map container px)."""
 
     _esm = DATA_DIR / "map_tools.js"
     tool = Unicode("pan").tag(sync=True)
@@ -33,6 +34,8 @@ class MapTools(anywidget.AnyWidget):
     keys_enabled = Bool(True).tag(sync=True)
     keymap = List(Unicode(), list(KEYMAP)).tag(sync=True)
     map_selector = Unicode(".slideloop-map .leaflet-container").tag(sync=True)
+    #: the picked polygon's vertices, screen px from the map container's centre (empty: no handles)
+    handles = List(List(Float()), []).tag(sync=True)
 
     def on_event(self, callback: Callable[[dict[str, Any]], None]) -> None:
         """Call ``callback(message)`` for every key, stroke and click the page sends."""

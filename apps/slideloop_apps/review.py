@@ -58,7 +58,8 @@ class ReviewApp(w.VBox):
         self._syncing = False
         classes = [c for c in state.classes() if c.idx > 0]
 
-        self.message = w.HTML().add_class("slideloop-message")
+        # room for two lines of message: a longer one must not push the map down under the reviewer's mouse
+        self.message = w.HTML(layout=w.Layout(min_height="76px")).add_class("slideloop-message")
         self.map = Map(crs=projections.Simple, layers=(), center=(0, 0), zoom=0, min_zoom=0,
                        scroll_wheel_zoom=True, attribution_control=False, zoom_snap=ZOOM_SNAP, zoom_delta=0.5,
                        layout=w.Layout(height=MAP_HEIGHT, flex="1 1 auto"))

@@ -13,7 +13,7 @@ from shapely.geometry.base import BaseGeometry
 
 from al_core.errors import SlideloopError
 from al_core.project.label_edits import Combine
-from slideloop_apps.editing import Editor, level0_per_screen_px, screen_to_slide
+from slideloop_apps.editing import Editor, level0_per_screen_px, screen_to_slide, slide_to_offset
 from slideloop_apps.keys import KEYMAP, help_html
 from slideloop_apps.map_tools import MapTools
 from slideloop_apps.state import ACCEPT, AppState
@@ -22,7 +22,7 @@ _TOOL_BUTTONS = [("Pan", "pan"), ("Brush", "brush"), ("Eraser", "eraser"), ("Wan
                  ("Accept", "accept"), ("Select", "select")]
 _TOOL_TIPS = ["Esc: drag the map", "b: paint the active class", "e: paint background",
               "w: click a region (Shift adds, Alt subtracts)", "c: take the prediction where you paint",
-              "v: pick a saved polygon (1–9 class, Delete)"]
+              "v: pick a saved polygon (drag vertices, 1–9 class, Delete)"]
 #: stroke colours of the tools without a class (colour-blind-safe Okabe–Ito)
 ERASE_COLOUR, ACCEPT_COLOUR, SELECT_COLOUR = "#ffffff", "#009e73", "#f0e442"
 
@@ -64,6 +64,7 @@ class ToolPanel(w.VBox):
         self.editor.observe(self._show_selection, names=["selection", "picked"])
         state.observe(self._sync_tools, names=["mode"])
         map_.observe(self._sync_tools, names="zoom")
+        map_.observe(self._sync_handles, names=["zoom", "center"])
         state.auto_advance = self.auto.value
         self._sync_tools()
 
@@ -86,6 +87,13 @@ class ToolPanel(w.VBox):
         if ed.picked is not None:
             geoms += [a.geometry for a in self.state.project.annotations(self.state.slide_id) if a.id == ed.picked]
         self.preview.data = _features([pyr.geometry_to_map(g) for g in geoms])
+        self._sync_handles()
+
+    def _sync_handles(self, _: Any = None) -> None:
+        pyr, centre, zoom = self.state.pyramid(), cast(list[float], self.map.center), float(self.map.zoom)
+        handles = [list(slide_to_offset(pyr, centre, zoom, x, y)) for x, y in self.editor.editable_vertices()]
+        if handles != self.tools.handles:
+            self.tools.handles = handles
 
     # --- browser → editor ------------------------------------------------------------------------------
     def _on_event(self, msg: dict[str, Any]) -> None:
@@ -97,6 +105,9 @@ class ToolPanel(w.VBox):
                 self.editor.stroke(pts)
             elif msg.get("kind") == "click":
                 self._click(msg)
+            elif msg.get("kind") == "vertex":
+                x, y = self._slide_point(msg.get("point", [0.0, 0.0]), msg["size"])
+                self.editor.edit_vertex(str(msg["op"]), int(msg["index"]), x, y)
         except SlideloopError as err:
             self.state.say(str(err), "error")
 

@@ -219,3 +219,85 @@ def test_error_map_contours_and_accept_by_keys(trained: tuple[Path, int], tmp_pa
             assert worst in proj.reviewed_patch_ids()
         assert outside_requests(requests) == []
         assert srv.app_tracebacks() == []
+
+
+#: every tile on the map has loaded (Leaflet keeps a layer's old tiles until the new version's arrive)
+_TILES_SETTLED = ("() => [...document.querySelectorAll('.slideloop-map img.leaflet-tile')]"
+                  ".every(t => t.classList.contains('leaflet-tile-loaded'))")
+
+
+def _polygon(root: Path) -> tuple[int, list[tuple[float, float]], float]:
+    from al_core.project.vertex_edits import vertices
+
+    with Project.open(root) as proj:
+        anns = proj.annotations(1)
+        assert len(anns) == 1, anns
+        return proj.label_version(1), vertices(anns[0].geometry), anns[0].geometry.area
+
+
+def test_vertex_editing_with_the_mouse(project_dir: Path, tmp_path: Path) -> None:
+    """v picks a saved polygon and shows its vertices; dragging a corner moves it, dragging an edge's midpoint
+    adds a vertex, Alt-click deletes one: each one label version, with the stored geometry as drawn."""
+    with Project.open(project_dir) as proj:
+        patch = proj.patch(AppState(proj).queue[0].patch_id)
+        q = patch.size / 4
+        x0, y0, x1, y1 = patch.x + q, patch.y + q, patch.x + 3 * q, patch.y + 3 * q
+        proj.correct(1, box(x0, y0, x1, y1), 1, author="import")  # as if imported from QuPath: four corners
+        row = [q.patch_id for q in AppState(proj).queue].index(patch.id)  # labelled: no longer first in line
+    side = x1 - x0
+    with app_server(project_dir, tmp_path) as srv, browser_page((1280, 800)) as (page, requests):
+        page.goto(srv.app_url())
+        page.wait_for_selector(".slideloop-tools-canvas", state="attached", timeout=TIMEOUT)
+        page.wait_for_selector(".slideloop-queue select option", state="attached", timeout=TIMEOUT)
+        page.locator(".slideloop-queue select").select_option(index=row)
+        page.wait_for_selector(OUTLINE, timeout=TIMEOUT)
+        outline = _settled_outline(page)
+        ds = patch.size / outline["width"]  # level-0 px per screen px
+        page.mouse.click(5, 5)  # the page has the keys, not the list
+
+        def screen(x: float, y: float) -> tuple[float, float]:
+            return outline["x"] + (x - patch.x) / ds, outline["y"] + (y - patch.y) / ds
+
+        _press(page, "v", "Select")
+        page.mouse.click(*screen((x0 + x1) / 2, (y0 + y1) / 2))
+        _wait_message(page, "picked")
+        page.wait_for_selector(".slideloop-tools-canvas[data-handles='4']", timeout=TIMEOUT)
+        assert _settled_outline(page) == outline  # the longer message did not move the map
+        save_screenshot(page, tmp_path, "review-tools-vertices")
+
+        # --- drag the bottom-right corner 30 px down and right: the square gains two triangles ------------
+        version0 = _polygon(project_dir)[0]
+        sx, sy = screen(x1, y1)
+        _drag(page, [(sx, sy), (sx + 30, sy + 30)])
+        _wait_message(page, "Moved a vertex")
+        version, pts, area = _polygon(project_dir)
+        d = 30 * ds
+        assert version == version0 + 1 and len(pts) == 4
+        assert area == pytest.approx(side**2 + side * d, rel=0.03)
+        assert min(math.dist(p, (x1 + d, y1 + d)) for p in pts) < 3 * ds
+
+        # --- drag the top edge's midpoint 20 px up: a fifth vertex, plus a triangle of base `side` -----------
+        page.wait_for_selector(".slideloop-tools-canvas[data-handles='4']", timeout=TIMEOUT)
+        mx, my = screen((x0 + x1) / 2, y0)
+        _drag(page, [(mx, my), (mx, my - 20)])
+        _wait_message(page, "Added a vertex")
+        version, pts, bumped = _polygon(project_dir)
+        assert version == version0 + 2 and len(pts) == 5
+        (vx, vy), = [p for p in pts if p[1] < y0 - 1]  # the new vertex, where the mouse let go
+        assert abs(vx - (x0 + x1) / 2) < 3 * ds and abs(vy - (y0 - 20 * ds)) < 3 * ds
+        assert bumped - area == pytest.approx(side * (y0 - vy) / 2, rel=1e-3)  # a triangle on the top edge
+
+        # --- Alt-click that vertex: back to four, and to the area before -----------------------------------
+        page.wait_for_selector(".slideloop-tools-canvas[data-handles='5']", timeout=TIMEOUT)
+        page.keyboard.down("Alt")
+        vsx, vsy = screen(vx, vy)
+        page.mouse.click(vsx, vsy)
+        page.keyboard.up("Alt")
+        _wait_message(page, "Deleted a vertex")
+        version, pts, after = _polygon(project_dir)
+        assert version == version0 + 3 and len(pts) == 4 and after == pytest.approx(area, rel=1e-6)
+        page.wait_for_selector(".slideloop-tools-canvas[data-handles='4']", timeout=TIMEOUT)
+        page.wait_for_function(_TILES_SETTLED, timeout=TIMEOUT)
+        save_screenshot(page, tmp_path, "review-tools-vertices-edited")
+        assert outside_requests(requests) == []
+        assert srv.app_tracebacks() == []

@@ -1,4 +1,5 @@
-// slideloop's map tools: a page-wide key handler and a canvas over the review map for brush, eraser and wand.
+// slideloop's map tools: a page-wide key handler and a canvas over the review map for brush, eraser, wand and
+// the picked polygon's vertex handles.
 // The kernel does the geometry: this only reports keys, strokes (canvas px) and clicks, and draws the cursor.
 
 const SKIP_IN_FIELDS = new Set(["ArrowUp", "ArrowDown", "ArrowLeft", "ArrowRight", "Home", "End", "PageUp",
@@ -48,6 +49,8 @@ function render({ model, el }) {
   Object.assign(canvas.style, { position: "absolute", left: "0", top: "0", zIndex: "650", pointerEvents: "none" });
   const ctx = canvas.getContext("2d");
   let host = null, stroke = null, cursor = null, spaceHeld = false, localTool = null;
+  // a vertex being dragged: {op: "move" | "insert", index, at: [x, y]}
+  let drag = null;
   const tool = () => localTool || model.get("tool");
 
   const attach = () => {
@@ -69,8 +72,58 @@ function render({ model, el }) {
   const painting = () => ["brush", "eraser", "accept"].includes(tool());
   const colour = () => model.get("colour");
 
+  // the picked polygon's vertices on screen (the kernel sends them as offsets from the map's centre)
+  const handles = () => (tool() === "select" ? model.get("handles") : []).map(
+    ([dx, dy]) => [canvas.width / 2 + dx, canvas.height / 2 + dy]);
+  const midpoints = (pts) => pts.map((p, i) => {
+    const q = pts[(i + 1) % pts.length];
+    return [(p[0] + q[0]) / 2, (p[1] + q[1]) / 2];
+  });
+  const near = (pts, p, r) => {
+    let best = -1, bestD = r;
+    pts.forEach((q, i) => {
+      const d = Math.hypot(q[0] - p[0], q[1] - p[1]);
+      if (d <= bestD) { best = i; bestD = d; }
+    });
+    return best;
+  };
+  const drawHandles = () => {
+    const pts = handles();
+    canvas.dataset.handles = String(pts.length);  // what the page shows, for tests and for a screen reader's probe
+    if (!pts.length) return;
+    if (drag) {  // the edited outline follows the mouse until the kernel has saved it
+      const ring = pts.slice();
+      if (drag.op === "move") ring[drag.index] = drag.at; else ring.splice(drag.index + 1, 0, drag.at);
+      ctx.strokeStyle = "#f0e442";
+      ctx.lineWidth = 2;
+      ctx.setLineDash([5, 4]);
+      ctx.beginPath();
+      ring.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+      ctx.closePath();
+      ctx.stroke();
+      ctx.setLineDash([]);
+    }
+    ctx.lineWidth = 1.5;
+    for (const [x, y] of midpoints(pts)) {
+      ctx.fillStyle = "rgba(255,255,255,0.7)";
+      ctx.strokeStyle = "#333";
+      ctx.beginPath();
+      ctx.arc(x, y, 3.5, 0, 2 * Math.PI);
+      ctx.fill();
+      ctx.stroke();
+    }
+    pts.forEach(([x, y], i) => {
+      const [hx, hy] = drag && drag.op === "move" && drag.index === i ? drag.at : [x, y];
+      ctx.fillStyle = "#fff";
+      ctx.strokeStyle = "#000";
+      ctx.fillRect(hx - 4.5, hy - 4.5, 9, 9);
+      ctx.strokeRect(hx - 4.5, hy - 4.5, 9, 9);
+    });
+  };
+
   const draw = () => {
     ctx.clearRect(0, 0, canvas.width, canvas.height);
+    drawHandles();
     const r = model.get("radius_px");
     if (stroke && stroke.length) {
       ctx.strokeStyle = colour();
@@ -113,8 +166,16 @@ function render({ model, el }) {
   canvas.addEventListener("pointerdown", (ev) => {
     if (ev.button !== 0) return;
     ev.preventDefault();
+    const pts = handles();
+    const v = pts.length ? near(pts, at(ev), 8) : -1;
+    const m = pts.length && v < 0 ? near(midpoints(pts), at(ev), 7) : -1;
     if (painting()) {
       stroke = [at(ev)];
+      canvas.setPointerCapture(ev.pointerId);
+    } else if (v >= 0 && ev.altKey) {
+      model.send({ kind: "vertex", op: "delete", index: v, point: at(ev), size: size() });
+    } else if (v >= 0 || m >= 0) {
+      drag = { op: v >= 0 ? "move" : "insert", index: v >= 0 ? v : m, at: at(ev), from: at(ev) };
       canvas.setPointerCapture(ev.pointerId);
     } else {
       model.send({ kind: "click", tool: tool(), point: at(ev), size: size(), shift: ev.shiftKey, alt: ev.altKey });
@@ -124,9 +185,17 @@ function render({ model, el }) {
   canvas.addEventListener("pointermove", (ev) => {
     cursor = at(ev);
     if (stroke) stroke.push(cursor);
+    if (drag) drag.at = cursor;
     draw();
   });
   canvas.addEventListener("pointerup", (ev) => {
+    if (drag) {
+      const moved = Math.hypot(drag.at[0] - drag.from[0], drag.at[1] - drag.from[1]);
+      if (moved >= 2) model.send({ kind: "vertex", op: drag.op, index: drag.index, point: drag.at, size: size() });
+      drag = null;
+      draw();
+      return;
+    }
     if (!stroke) return;
     model.send({ kind: "stroke", tool: tool(), points: stroke, size: size(), shift: ev.shiftKey, alt: ev.altKey });
     stroke = null;
@@ -152,6 +221,7 @@ function render({ model, el }) {
   model.on("change:radius_px", draw);
   model.on("change:status", sync);
   model.on("change:colour", draw);
+  model.on("change:handles", draw);
   const timer = setInterval(attach, 500);
   attach();
   sync();
