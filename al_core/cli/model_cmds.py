@@ -246,15 +246,16 @@ def _objects_table(objects: dict[str, Any]) -> str:
 
 def cmd_rounds(args: argparse.Namespace) -> int:
     """``slideloop rounds``: one row per finished model version, oldest first (see :mod:`al_core.learn.rounds`)."""
-    from al_core.learn.rounds import project_rounds
+    from al_core.learn.rounds import pending_corrections, project_rounds
 
     with open_project(args) as proj:
         rounds = project_rounds(proj)
+        pending = pending_corrections(proj)
     if args.json:
-        emit_json({"rounds": [r.to_dict() for r in rounds]})
+        emit_json({"rounds": [r.to_dict() for r in rounds], "pending_corrections": pending})
         return 0
     if not rounds:
-        print("no finished model yet: train one with 'slideloop train PROJECT'")
+        print(f"no finished model yet ({pending} patch(es) corrected so far): train one with 'slideloop train PROJECT'")
         return 0
     classes = list(dict.fromkeys(c for r in rounds for c in r.val_iou))
     rows = [{"round": r.round, "model": r.model_id, "parent": r.parent_id, "started": r.started[:16].replace("T", " "),
@@ -266,6 +267,7 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     print("rounds (validation: the model's best epoch on the fixed validation set; corrections: patches edited "
           "since the round before)")
     print(format_table(rows, list(rows[0])))
+    print(f"since round {rounds[-1].round}: {pending} patch(es) corrected, not yet trained on")
     if args.by_slide:
         slides = sorted({n for r in rounds for n in r.slide_iou})
         if not slides:

@@ -6,7 +6,9 @@ A round is the training run of a model version and the label work done since the
   whose new label version lies after the previous model's label versions and at or before this model's (each
   model records its slides' label versions when its training starts, so this is exact, not a clock comparison);
 - **reviewed**: distinct patch regions marked reviewed with their labels kept (no new version, so these go by the
-  review's time: at or after the previous model's start, before this one's), not counting corrected ones;
+  review's time: after the previous model's start, up to this one's; times are to the second, and a review in
+  the second a model started counts toward that model, as a reviewer marks and then presses Train), not counting
+  corrected ones;
 - **label versions**: new label versions of all slides in the window (imports and edits without a patch too).
 
 Validation figures are the model's best epoch on the project's fixed validation set as it stood for that run
@@ -30,6 +32,8 @@ import numpy as np
 from al_core.learn.metrics import aggregate, scores
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from al_core.project.project import Project
 
 #: review actions that keep the labels as they are (no new label version)
@@ -117,7 +121,7 @@ def build_rounds(models: Sequence[ModelFacts], reviews: Sequence[Review], activa
         corrected = {r.region for r in reviews if r.action not in KEEP_ACTIONS
                      and before.get(r.slide_id, 0) < r.label_version <= m.label_versions.get(r.slide_id, 0)}
         kept = {r.region for r in reviews if r.action in KEEP_ACTIONS
-                and since <= r.created_at < m.created_at} - corrected
+                and since < r.created_at <= m.created_at} - corrected
         versions = sum(max(v - before.get(s, 0), 0) for s, v in m.label_versions.items())
         mean_iou, mean_dice = _finite(m.val_macro_iou), _finite(m.val_macro_dice)
         out.append(Round(
@@ -133,22 +137,34 @@ def build_rounds(models: Sequence[ModelFacts], reviews: Sequence[Review], activa
     return out
 
 
+def corrections_after(last: ModelFacts | None, reviews: Sequence[Review]) -> int:
+    """Distinct patch regions corrected after ``last`` started (all of them when no model is finished yet): the
+    corrections the next round will add."""
+    before: Mapping[int, int] = last.label_versions if last else {}
+    return len({r.region for r in reviews if r.action not in KEEP_ACTIONS and r.label_version > before.get(r.slide_id, 0)})
+
+
+def pending_corrections(project: Project) -> int:
+    """How many patches were corrected since the newest finished model started training (not in any round yet)."""
+    slide_ids = {s.name: s.id for s in project.slides()}
+    rows = [r for r in project.models.list() if r.status in FINISHED and r.checkpoint is not None]
+    with project.store.read() as s:
+        reviews = _reviews(s)
+    return corrections_after(_facts(rows[-1], slide_ids, []) if rows else None, reviews)
+
+
 def project_rounds(project: Project) -> list[Round]:
     """The rounds of a project's finished model versions, oldest first."""
     from sqlalchemy import select
 
     from al_core.project.models import ACTIVE_HISTORY_KEY
-    from al_core.project.schema import PatchRow, PatchScoreRow, ReviewRow, SlideRow
+    from al_core.project.schema import PatchRow, PatchScoreRow, SlideRow
 
     slide_ids = {s.name: s.id for s in project.slides()}
     rows = [r for r in project.models.list() if r.status in FINISHED and r.checkpoint is not None]
     grid = project.grid_id()
     with project.store.read() as s:
-        reviews = [Review(int(r.slide_id), (int(r.slide_id), int(r.x), int(r.y), int(r.size)), r.label_version,
-                          r.action, r.created_at)
-                   for r in s.scalars(select(ReviewRow).where(ReviewRow.slide_id.is_not(None),
-                                                              ReviewRow.x.is_not(None)))
-                   if r.slide_id is not None and r.x is not None and r.y is not None and r.size is not None]
+        reviews = _reviews(s)
         scored: dict[int, list[tuple[int, str, str]]] = {}
         if rows:
             q = (select(PatchScoreRow.model_id, PatchScoreRow.patch_id, SlideRow.name, PatchScoreRow.confusion)
@@ -163,6 +179,17 @@ def project_rounds(project: Project) -> list[Round]:
     active = project.models.active_record()
     facts = [_facts(r, slide_ids, scored.get(r.id, [])) for r in rows]
     return build_rounds(facts, reviews, activated, int(active["id"]) if active else None)
+
+
+def _reviews(s: Session) -> list[Review]:
+    from sqlalchemy import select
+
+    from al_core.project.schema import ReviewRow
+
+    return [Review(int(r.slide_id), (int(r.slide_id), int(r.x), int(r.y), int(r.size)), r.label_version, r.action,
+                   r.created_at)
+            for r in s.scalars(select(ReviewRow).where(ReviewRow.slide_id.is_not(None)))
+            if r.slide_id is not None and r.x is not None and r.y is not None and r.size is not None]
 
 
 def _facts(row: Any, slide_ids: Mapping[str, int], scored: list[tuple[int, str, str]]) -> ModelFacts:

@@ -12,7 +12,14 @@ from shapely.geometry import box
 
 from al_core.learn.metrics import scores
 from al_core.learn.predict import predict
-from al_core.learn.rounds import ModelFacts, Review, build_rounds, project_rounds
+from al_core.learn.rounds import (
+    ModelFacts,
+    Review,
+    build_rounds,
+    corrections_after,
+    pending_corrections,
+    project_rounds,
+)
 from al_core.learn.train import train
 from al_core.project.schema import ModelRow, PatchScoreRow
 
@@ -35,17 +42,20 @@ def test_corrections_are_counted_by_label_version_and_reviews_by_time() -> None:
         Review(2, (2, 0, 0, 256), 2, "paint", "2026-01-01T10:13:00+00:00"),
         Review(2, (2, 256, 0, 256), 2, "reviewed", "2026-01-01T10:14:00+00:00"),  # kept as it was
         Review(2, (2, 512, 0, 256), 2, "reviewed", "2026-01-01T11:30:00+00:00"),  # after model 2 started
+        Review(2, (2, 768, 0, 256), 2, "reviewed", "2026-01-01T11:00:00+00:00"),  # the second model 2 started
         Review(1, (1, 512, 0, 256), 5, "paint", "2026-01-01T11:31:00+00:00"),  # after model 3 started: no round yet
     ]
     r1, r2, r3 = build_rounds(models, reviews, activated={1, 2}, active_id=2)
     assert (r1.corrections, r1.reviewed, r1.label_versions) == (0, 0, 2)
-    assert (r2.corrections, r2.reviewed, r2.label_versions) == (3, 1, 4)
+    assert (r2.corrections, r2.reviewed, r2.label_versions) == (3, 2, 4)
     assert (r3.corrections, r3.reviewed, r3.label_versions) == (0, 1, 0)
     assert r2.mean_iou == pytest.approx(0.8) and r2.delta_iou == pytest.approx(0.1) and r1.delta_iou is None
     assert r2.val_iou == {"Background": 0.9, "Epithelium": 0.7} and r2.val_dice == {}
     assert r3.mean_iou is None and r3.delta_iou is None  # no figure: no delta, not a fake 0
     assert [(r.promoted, r.active) for r in (r1, r2, r3)] == [(True, False), (True, True), (False, False)]
     assert json.loads(json.dumps(r3.to_dict()))["mean_iou"] is None
+    # waiting for the next round: the edit saved after model 3 started; before any model, every edit
+    assert corrections_after(models[-1], reviews) == 1 and corrections_after(None, reviews) == 4
 
 
 def test_rounds_of_a_real_project(trained, tmp_path) -> None:
@@ -58,7 +68,9 @@ def test_rounds_of_a_real_project(trained, tmp_path) -> None:
             proj.correct(slide.id, box(p.x, p.y, p.x + p.size / 2, p.y + p.size / 2), 1, patch_id=p.id, author="t")
         proj.correct(slide.id, box(a.x, a.y, a.x + a.size / 4, a.y + a.size / 4), None, patch_id=a.id, author="t")
         proj.mark_reviewed(d.id, "t")  # one kept as it was
+        assert pending_corrections(proj) == 3
         second = train(proj, FAST, from_model=mid)
+        assert pending_corrections(proj) == 0
         assert second.status == "done"
 
         r1, r2 = project_rounds(proj)
