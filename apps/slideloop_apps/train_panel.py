@@ -330,7 +330,7 @@ class TrainPanel(w.VBox):
         self.rounds.value = rounds_html(project_rounds(self.state.project), pending_corrections(self.state.project))
         names = instance_classes(self.state.project)
         if list(self.object_classes.options) != names:
-            self.object_classes.rows = min(max(len(names), 1), 4)
+            self.object_classes.rows = min(max(len(names), 2), 4)  # one row renders as a dropdown
             self.object_classes.options = names
             self.object_classes.value = tuple(names)
         self.objects_btn.disabled = self._objects_running or self.state.model_id is None or not names
