@@ -1,4 +1,4 @@
-"""Model commands: train, predict, rank, metrics."""
+"""Model commands: train, predict, rank, metrics, rounds, tag."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from al_core.cli._common import model_ref as _model_ref
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``train``, ``predict``, ``rank`` and ``metrics`` subcommands."""
+    """Add the ``train``, ``predict``, ``rank``, ``metrics``, ``rounds`` and ``tag`` subcommands."""
     p = sub.add_parser("train", help="train a U-Net on the labelled patches; stores a new model version")
     add_project_arg(p)
     p.add_argument("--from", dest="from_model", metavar="MODEL",
@@ -81,6 +81,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--by-tag", metavar="KEY", help="also the figures grouped by this slide tag (see 'slideloop tag')")
     add_json_arg(p)
     p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("rounds", help="the active-learning history: per finished model the corrections made since "
+                                      "the round before, validation IoU/Dice per class and the change")
+    add_project_arg(p)
+    p.add_argument("--by-slide", action="store_true",
+                   help="also each round's macro IoU per slide (its stored predictions on the labelled patches)")
+    add_json_arg(p)
+    p.set_defaults(func=cmd_rounds)
 
     p = sub.add_parser("tag", help="set slide tags (stain, diagnosis…) as KEY=VALUE; empty VALUE removes a tag")
     add_project_arg(p)
@@ -234,6 +242,45 @@ def _objects_table(objects: dict[str, Any]) -> str:
     cols = ["class", "slide", "patches", *objects["metrics"]]
     return ("object metrics (per patch → per slide → over slides; 95% bootstrap intervals):\n"
             + (format_table(rows, cols) if rows else "no objects of the asked classes in the labelled patches"))
+
+
+def cmd_rounds(args: argparse.Namespace) -> int:
+    """``slideloop rounds``: one row per finished model version, oldest first (see :mod:`al_core.learn.rounds`)."""
+    from al_core.learn.rounds import pending_corrections, project_rounds
+
+    with open_project(args) as proj:
+        rounds = project_rounds(proj)
+        pending = pending_corrections(proj)
+    if args.json:
+        emit_json({"rounds": [r.to_dict() for r in rounds], "pending_corrections": pending})
+        return 0
+    if not rounds:
+        print(f"no finished model yet ({pending} patch(es) corrected so far): train one with 'slideloop train PROJECT'")
+        return 0
+    classes = list(dict.fromkeys(c for r in rounds for c in r.val_iou))
+    rows = [{"round": r.round, "model": r.model_id, "parent": r.parent_id, "started": r.started[:16].replace("T", " "),
+             "corrections": r.corrections, "reviewed": r.reviewed, "train": r.train_patches, "val": r.val_patches,
+             "val_iou": r.mean_iou, "d_iou": _signed(r.delta_iou), "val_dice": r.mean_dice,
+             "d_dice": _signed(r.delta_dice),
+             **{f"iou_{c}": r.val_iou.get(c) for c in classes}, **{f"dice_{c}": r.val_dice.get(c) for c in classes},
+             "active": "active" if r.active else ("was" if r.promoted else "")} for r in rounds]
+    print("rounds (validation: the model's best epoch on the fixed validation set; corrections: patches edited "
+          "since the round before)")
+    print(format_table(rows, list(rows[0])))
+    print(f"since round {rounds[-1].round}: {pending} patch(es) corrected, not yet trained on")
+    if args.by_slide:
+        slides = sorted({n for r in rounds for n in r.slide_iou})
+        if not slides:
+            print("no per-slide figures: run 'slideloop predict PROJECT --model ID' for a round's model")
+        else:
+            print("macro IoU per slide (stored predictions on the labelled patches; '-': not predicted):")
+            print(format_table([{"round": r.round, "model": r.model_id, **{n: r.slide_iou.get(n) for n in slides}}
+                                for r in rounds], ["round", "model", *slides]))
+    return 0
+
+
+def _signed(v: float | None) -> str | None:
+    return None if v is None else f"{v:+.3f}"
 
 
 def cmd_tag(args: argparse.Namespace) -> int:

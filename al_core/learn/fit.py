@@ -230,5 +230,6 @@ def evaluate(model: torch.nn.Module, ds: PatchDataset, config: ModelConfig, crit
             n += len(y)
             cm += confusion(y.cpu().numpy(), logits.argmax(1).cpu().numpy(), config.num_classes, config.ignore_index)
     sc = scores(cm)
+    # per-class lists (model channels) too: the Rounds view shows each class's validation IoU/Dice per round
     return {"loss": total / max(n, 1), "pixel_accuracy": sc["pixel_accuracy"], "macro_iou": sc["macro_iou"],
-            "macro_dice": sc["macro_dice"]}
+            "macro_dice": sc["macro_dice"], "iou": sc["iou"], "dice": sc["dice"]}

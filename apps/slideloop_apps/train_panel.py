@@ -51,7 +51,15 @@ LOST_GRACE_S = 30.0
 _TABLE_CSS = ("<style>.slideloop-models table, .slideloop-compare table {border-collapse:collapse;"
               "font:12px ui-monospace,Menlo,Consolas,monospace} .slideloop-models td, .slideloop-models th,"
               ".slideloop-compare td, .slideloop-compare th {padding:2px 8px;border-bottom:1px solid #ddd;"
-              "text-align:right} .slideloop-models tr.active {background:#e6f4ea;font-weight:600}</style>")
+              "text-align:right} .slideloop-models tr.active {background:#e6f4ea;font-weight:600}"
+              ".slideloop-rounds table, .slideloop-objects table {border-collapse:collapse;"
+              "font:12px ui-monospace,Menlo,Consolas,monospace} .slideloop-rounds td, .slideloop-rounds th,"
+              ".slideloop-objects td, .slideloop-objects th {padding:2px 8px;border-bottom:1px solid #ddd;"
+              "text-align:right} .slideloop-rounds tr.active {background:#e6f4ea;font-weight:600}"
+              " .slideloop-rounds .up {color:#0c5a1c} .slideloop-rounds .down {color:#8a1010}"
+              " .slideloop-rounds .same {color:#666} .slideloop-objects .ci {color:#666}</style>")
+#: how many rounds the per-slide table shows (the newest; the CLI's ``rounds --by-slide`` has them all)
+SLIDE_ROUNDS = 6
 
 
 class TrainPanel(w.VBox):
@@ -102,6 +110,17 @@ class TrainPanel(w.VBox):
         self.curve_caption = w.HTML().add_class("slideloop-curve-caption")
         self.compare = w.HTML().add_class("slideloop-compare")
         self.models = w.HTML().add_class("slideloop-models")
+        self.rounds = w.HTML().add_class("slideloop-rounds")
+        self.object_classes = w.SelectMultiple(options=[], rows=2, description="Classes",
+                                               layout=w.Layout(width="260px"), style={"description_width": "60px"},
+                                               tooltip="instance-like classes (nuclei, glands) to score per object")
+        self.object_classes.add_class("slideloop-object-classes")
+        self.objects_btn = w.Button(description="Object metrics", icon="calculator",
+                                    tooltip="AJI, object F1, Dice and Hausdorff of the active model on the labelled "
+                                            "patches (re-runs it at full resolution: can take a while)")
+        self.objects_btn.add_class("slideloop-objects-btn")
+        self.objects = w.HTML().add_class("slideloop-objects")
+        self._objects_running = False
         self.kept = KeptBack(state)
         self.from_model.observe(lambda _: self._sync_encoder(), names="value")
 
@@ -112,10 +131,13 @@ class TrainPanel(w.VBox):
                       w.HTML("<h4>Learning curves</h4>"), self.curves, self.curve_caption],
                      layout=w.Layout(flex="1 1 auto", padding="0 0 0 16px"))
         super().__init__([w.HTML(_TABLE_CSS), w.HBox([controls, run]), self.kept, w.HTML("<h4>Against the parent</h4>"),
-                          self.compare, w.HTML("<h4>Model versions</h4>"), self.models], **kwargs)
+                          self.compare, w.HTML("<h4>Rounds</h4>"), self.rounds,
+                          w.HTML("<h4>Object metrics</h4>"), w.HBox([self.object_classes, self.objects_btn]),
+                          self.objects, w.HTML("<h4>Model versions</h4>"), self.models], **kwargs)
         self.add_class("slideloop-train-panel")
         self.train_btn.on_click(self._on_train)
         self.cancel_btn.on_click(self._on_cancel)
+        self.objects_btn.on_click(self._on_objects)
 
         current = self.service.current_job()
         if current is not None and current.status == "done":
@@ -153,6 +175,7 @@ class TrainPanel(w.VBox):
             job = self.service.current_job()
             view = self.service.view(job) if job is not None else None
             self._show_models(view)
+            self._show_rounds(view)
             if view is None:
                 self._say("No training run yet. Set the options and press Train: the model trains on the "
                           "labelled patches, then predicts every patch and re-ranks the review queue.")
@@ -299,6 +322,49 @@ class TrainPanel(w.VBox):
                         "</td></tr>")
         self.models.value = f"<table>{head}{''.join(rows)}</table>"
 
+    def _show_rounds(self, v: RunView | None) -> None:
+        # per-slide IoU arrives with the run's predictions (the job's last stage): redraw when the job ends too
+        key = (self._shown.get("models"), None if v is None else (v.job_id, v.status, v.stage))
+        if self._shown.get("rounds") == key:
+            return
+        self._shown["rounds"] = key
+        from al_core.learn.rounds import pending_corrections, project_rounds
+
+        self.rounds.value = rounds_html(project_rounds(self.state.project), pending_corrections(self.state.project))
+        names = instance_classes(self.state.project)
+        if list(self.object_classes.options) != names:
+            self.object_classes.rows = min(max(len(names), 2), 4)  # one row renders as a dropdown
+            self.object_classes.options = names
+            self.object_classes.value = tuple(names)
+        self.objects_btn.disabled = self._objects_running or self.state.model_id is None or not names
+
+    def _on_objects(self, _: Any = None) -> None:
+        model_id = self.state.model_id
+        classes = list(self.object_classes.value)
+        if model_id is None or not classes or self._objects_running:
+            return
+        self._objects_running = True
+        self.objects_btn.disabled = True
+        self.objects.value = message_html(
+            f"Computing object metrics of model {model_id} for {', '.join(classes)}: the model re-reads every "
+            "labelled patch at full resolution, so this can take a minute.")
+        # torch inference over every labelled patch: never in the kernel's message loop
+        threading.Thread(target=self._compute_objects, args=(model_id, classes), name="slideloop-objects",
+                         daemon=True).start()
+
+    def _compute_objects(self, model_id: int, classes: list[str]) -> None:
+        from al_core.learn.object_eval import object_metrics
+
+        try:
+            res = object_metrics(self.state.project, model_id, classes)
+            self.objects.value = objects_html(res)
+        except Exception as err:  # shown to the user; the panel stays usable
+            log.exception("object metrics failed")
+            self.objects.value = message_html(f"Object metrics failed: {type(err).__name__}: {err}", "error")
+        finally:
+            self._objects_running = False
+            self.objects_btn.disabled = self.state.model_id is None
+
     def _sync_encoder(self) -> None:
         # a continued model keeps its parent's encoder: show it, and the choice is not the user's
         self.encoder.disabled = self.from_model.value != NEW
@@ -418,6 +484,94 @@ def _finished(v: RunView, row: ModelRow | None) -> str:
         return (f"Job {v.job_id} finished: model {v.model_id} was kept back ({ev.get('reason')}); "
                 f"model {ev.get('active_id')} still ranks the queue.")
     return f"Job {v.job_id} finished: model {v.model_id} ranks the queue now."
+
+
+def instance_classes(project: Any) -> list[str]:
+    """The classes object metrics can score: every trained class but the background."""
+    return [c.name for c in project.classes() if c.idx != 0 and not c.ignore]
+
+
+def rounds_html(rounds: list[Any], pending: int = 0) -> str:
+    """The Rounds section: per round the corrections, the model, mean and per-class validation IoU/Dice with the
+    change against the round before, then per-slide IoU of the newest rounds; ``pending``: patches corrected
+    since the newest round started."""
+    if not rounds:
+        return "<div style='color:#555'>No finished model yet: the first training run is round 1.</div>"
+    classes = list(dict.fromkeys(c for r in rounds for c in r.val_iou))
+    head = ("<tr><th>round</th><th>model</th><th style='text-align:left'>trained</th><th>corrections</th>"
+            "<th>reviewed</th><th>train / val</th><th>val IoU</th><th>change</th><th>val Dice</th><th>change</th>"
+            + "".join(f"<th>{html.escape(c)} IoU</th><th>{html.escape(c)} Dice</th>" for c in classes)
+            + "<th style='text-align:left'>became</th></tr>")
+    body = []
+    for r in reversed(rounds):
+        became = "◀ active" if r.active else ("was active" if r.promoted else "kept back")
+        body.append(
+            f"<tr class='{'active' if r.active else ''}' data-round='{r.round}' data-model='{r.model_id}'>"
+            f"<td>{r.round}</td><td>{r.model_id}</td><td style='text-align:left'>{html.escape(_when(r.started))}</td>"
+            f"<td>{r.corrections}</td><td>{r.reviewed}</td><td>{r.train_patches} / {r.val_patches}</td>"
+            f"<td>{_num(r.mean_iou)}</td>{_arrow(r.delta_iou)}<td>{_num(r.mean_dice)}</td>{_arrow(r.delta_dice)}"
+            + "".join(f"<td>{_num(r.val_iou.get(c))}</td><td>{_num(r.val_dice.get(c))}</td>" for c in classes)
+            + f"<td style='text-align:left'>{became}</td></tr>")
+    note = ("<div style='color:#555;font-size:12px;margin:2px 0 6px'>Corrections: patches whose labels were "
+            "edited since the round before. Validation: the model's best epoch on the project's fixed validation "
+            "set (it grows as patches are labelled).</div>")
+    waiting = (f"<div class='slideloop-rounds-pending' style='font-size:12px;margin:4px 0'>Since round "
+               f"{rounds[-1].round}: {pending} patch{'es' if pending != 1 else ''} corrected, not yet trained on."
+               "</div>")
+    out = f"{note}<table class='slideloop-rounds-table'>{head}{''.join(body)}</table>{waiting}"
+    shown = [r for r in rounds if r.slide_iou][-SLIDE_ROUNDS:]
+    slides = sorted({n for r in shown for n in r.slide_iou})
+    if slides:
+        shead = "<tr><th style='text-align:left'>slide IoU</th>" + "".join(
+            f"<th>round {r.round}</th>" for r in shown) + "</tr>"
+        srows = "".join(f"<tr><td style='text-align:left'>{html.escape(n)}</td>"
+                        + "".join(f"<td>{_num(r.slide_iou.get(n))}</td>" for r in shown) + "</tr>" for n in slides)
+        out += ("<div style='color:#555;font-size:12px;margin:8px 0 2px'>Macro IoU per slide on its labelled "
+                f"patches (the round's predictions):</div><table class='slideloop-slides-table'>{shead}{srows}</table>")
+    return out
+
+
+#: object metric columns: (key, title); Hausdorff is a distance (lower is better), in patch pixels
+_OBJECT_COLUMNS = (("aji", "AJI"), ("f1", "object F1 @0.5"), ("object_dice", "object Dice"),
+                   ("object_hausdorff", "object Hausdorff (px)"))
+
+
+def objects_html(res: dict[str, Any]) -> str:
+    """Object metrics of one model (:func:`al_core.learn.object_eval.object_metrics`): per class, its slides and the
+    figure over slides, each ``mean [95 % interval]``."""
+    head = ("<tr><th style='text-align:left'>class</th><th style='text-align:left'>slide</th><th>patches</th>"
+            "<th>objects (label / model)</th>" + "".join(f"<th>{t}</th>" for _, t in _OBJECT_COLUMNS) + "</tr>")
+    rows = []
+    for name, agg in res["classes"].items():
+        # one slide: its row is the overall figure already
+        extra = [("all slides", agg["overall"])] if len(agg["slides"]) > 1 else []
+        for slide, v in [*agg["slides"].items(), *extra]:
+            objects = (f"{v['objects_label']} / {v['objects_pred']}" if "objects_label" in v else "")
+            weight = " style='font-weight:600'" if slide == "all slides" else ""
+            rows.append(f"<tr{weight}><td style='text-align:left'>{html.escape(name)}</td>"
+                        f"<td style='text-align:left'>{html.escape(slide)}</td><td>{v['patches']}</td>"
+                        f"<td>{objects}</td>" + "".join(
+                            f"<td>{_num(v[k]['mean'], 2 if k == 'object_hausdorff' else 3)} <span class='ci'>"
+                            f"[{_num(v[k]['low'], 2 if k == 'object_hausdorff' else 3)}, "
+                            f"{_num(v[k]['high'], 2 if k == 'object_hausdorff' else 3)}]</span></td>"
+                            for k, _ in _OBJECT_COLUMNS) + "</tr>")
+    if not rows:
+        return message_html(f"Model {res['model_id']}: no objects of these classes in the labelled patches.")
+    return (f"<div style='color:#555;font-size:12px;margin:2px 0 6px'>Model {res['model_id']} on the labelled "
+            "patches, per patch → per slide → over slides; in brackets the bootstrap 95 % interval.</div>"
+            f"<table>{head}{''.join(rows)}</table>")
+
+
+def _when(stamp: str) -> str:
+    return stamp[:16].replace("T", " ")
+
+
+def _arrow(d: float | None) -> str:
+    if d is None:
+        return "<td class='same'>—</td>"
+    if abs(d) < 5e-4:
+        return f"<td class='same'>= {d:+.3f}</td>"
+    return f"<td class='up'>▲ {d:+.3f}</td>" if d > 0 else f"<td class='down'>▼ {d:+.3f}</td>"
 
 
 def _clock(seconds: float) -> str:

@@ -292,3 +292,59 @@ def test_the_panel_rates_are_the_recipe_s() -> None:
 
 def _no_cluster():
     raise AssertionError("showing stored state must not need the cluster")
+
+
+def test_rounds_and_object_metrics(with_model: tuple[Path, int], scheduler: str, tmp_path: Path) -> None:
+    """A reviewer corrects three patches, retrains from the model in the panel: the Rounds table gains round 2
+    with those three corrections and the change against round 1; object metrics of the active model appear on
+    request."""
+    from shapely.geometry import box
+
+    project, before = with_model
+    with Project.open(project) as proj:
+        slide = proj.slides()[0]
+        for pid in sorted(proj.labelled_patch_ids())[:3]:
+            p = proj.patch(pid)
+            proj.correct(slide.id, box(p.x, p.y, p.x + p.size / 2, p.y + p.size / 2), 1, patch_id=pid,
+                         author="pathologist")
+    with app_server(project, tmp_path / "srv") as srv, browser_page() as (page, requests):
+        _open_train_tab(page, srv)
+        page.wait_for_selector(".slideloop-rounds tr[data-round='1']", timeout=TIMEOUT)
+        assert page.locator(".slideloop-rounds-table tr[data-round]").count() == 1
+        first = page.locator(".slideloop-rounds tr[data-round='1'] td").all_inner_texts()
+        assert first[:2] == ["1", str(before)] and first[3] == "0"  # round 1: no corrections before it
+        assert "Since round 1: 3 patches corrected" in page.inner_text(".slideloop-rounds-pending")
+
+        page.locator(".slideloop-from select").select_option(label=f"model {before} ({TINY})")
+        _set(page, "slideloop-epochs", "1")
+        _set(page, "slideloop-max-steps", "3")
+        page.click("button.slideloop-train")
+        deadline = time.monotonic() + 240
+        while "finished" not in page.inner_text(".slideloop-train-status"):
+            assert "failed" not in page.inner_text(".slideloop-train-status")
+            assert time.monotonic() < deadline, page.inner_text(".slideloop-train-status")
+            page.wait_for_timeout(300)
+        page.wait_for_selector(".slideloop-rounds tr[data-round='2']", timeout=TIMEOUT)
+        second = page.locator(".slideloop-rounds tr[data-round='2'] td").all_inner_texts()
+        new_id = _latest_done(project)
+        assert second[:2] == ["2", str(new_id)] and second[3] == "3"  # the three corrected patches
+        assert re.fullmatch(r"0\.\d{3}", second[6]) and re.match(r"[▲▼=] [+-]\d\.\d{3}$", second[7]), second
+        header = page.inner_text(".slideloop-rounds-table tr >> nth=0")
+        assert "Epithelium IoU" in header and "Epithelium Dice" in header
+        with Project.open(project) as proj:
+            active = proj.models.active()
+        assert active is not None
+        assert page.locator(".slideloop-rounds tr.active").get_attribute("data-model") == str(active.id)
+        page.wait_for_selector(".slideloop-slides-table th:has-text('round 2')", timeout=TIMEOUT)
+        assert "Since round 2: 0 patches corrected" in page.inner_text(".slideloop-rounds-pending")
+
+        page.click("button.slideloop-objects-btn")
+        page.wait_for_selector(".slideloop-objects table", timeout=180_000)
+        text = page.inner_text(".slideloop-objects")
+        assert f"Model {active.id}" in text and "AJI" in text and "Epithelium" in text
+        assert re.search(r"0\.\d{3} \[0\.\d{3}, [01]\.\d{3}\]", text), text  # mean [95 % interval]
+        page.locator(".slideloop-rounds").scroll_into_view_if_needed()
+        page.wait_for_timeout(300)
+        save_screenshot(page, tmp_path, "train-6-rounds")
+        assert outside_requests(requests) == []
+        assert srv.app_tracebacks() == []

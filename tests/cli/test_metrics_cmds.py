@@ -30,3 +30,33 @@ def test_cli_object_metrics_and_tags(trained, tmp_path):
     assert "by tag 'stain'" in run_cli("metrics", proj, "--by-tag", "stain").stdout
     r = run_cli("tag", proj, "nope", "stain=HE", check=False)
     assert r.returncode == 2 and "no slide 'nope'" in r.stderr
+
+
+def test_cli_rounds(trained, tmp_path):
+    """Two rounds: the session's model, two patches corrected, a model continued from it through the CLI."""
+    from shapely.geometry import box
+
+    root, mid = trained
+    with clone(root, tmp_path / "p") as p:
+        slide = p.slides()[0]
+        for pid in sorted(p.labelled_patch_ids())[:2]:
+            q = p.patch(pid)
+            p.correct(slide.id, box(q.x, q.y, q.x + q.size / 2, q.y + q.size / 2), 1, patch_id=pid, author="t")
+    proj = str(tmp_path / "p")
+    first = json.loads(run_cli("rounds", proj, "--json").stdout)
+    assert [(r["round"], r["model_id"], r["corrections"]) for r in first["rounds"]] == [(1, mid, 0)]
+    assert first["pending_corrections"] == 2
+    run_cli("train", proj, "--from", "latest", "--epochs", "1", "--max-steps", "2", "--json")
+    rounds = json.loads(run_cli("rounds", proj, "--json").stdout)["rounds"]
+    assert [(r["round"], r["corrections"], r["parent_id"]) for r in rounds] == [(1, 0, None), (2, 2, mid)]
+    r2 = rounds[1]
+    assert r2["delta_iou"] == pytest.approx(r2["mean_iou"] - rounds[0]["mean_iou"])
+    assert set(r2["val_iou"]) == {"Background", "Epithelium"} and r2["slide_iou"] == {}
+    text = run_cli("rounds", proj, "--by-slide").stdout
+    lines = text.splitlines()
+    assert "corrections" in lines[1] and "iou_Epithelium" in lines[1]
+    assert lines[3].split()[:2] == ["1", str(mid)] and f"{r2['delta_iou']:+.3f}" in lines[4]
+    assert "macro IoU per slide" in text and "CMU-1-Small-Region" in text
+    assert "since round 2: 0 patch(es) corrected" in text
+    r = run_cli("rounds", str(tmp_path / "nope"), check=False)
+    assert r.returncode == 2 and "not a slideloop project" in r.stderr
