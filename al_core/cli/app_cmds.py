@@ -33,6 +33,8 @@ SAMPLE_NAME = "CMU-1-Small-Region"
 #: Jupyter's idle culler, seconds: kernels with no page attached (a tab that died without closing its kernel)
 #: are shut down after 15 idle minutes, checked every minute; an open page keeps its kernel (cull_connected off)
 KERNEL_CULL = (900, 60)
+#: kernels the app keeps started, with its modules imported, for the next page to open (one: a single user's app)
+WARM_KERNELS = 1
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -101,6 +103,9 @@ def server_command(project: Path, port: int, ip: str, open_browser: bool, view: 
         "--ServerApp.jpserver_extensions=slideloop_apps=True",
         "--ServerApp.jpserver_extensions=jupyter_server_mathjax=True",
         f"--SlideloopTiles.project={project}",
+        # a started kernel with the app imported waits for the next page: no kernel start on opening a view
+        "--ServerApp.kernel_manager_class=slideloop_apps.kernels.WarmKernelManager",
+        f"--WarmKernelManager.warm_kernels={WARM_KERNELS}",
         *kernel_cull_args(*cull),
         # containers (Docker, Binder-like images) often run as root; Jupyter refuses that unless told
         *(["--ServerApp.allow_root=True"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -160,6 +161,19 @@ def browser_page(viewport: tuple[int, int] = (1440, 900)) -> Iterator[tuple[Any,
             yield page, requests
         finally:
             browser.close()
+
+
+def page_kernel(page: Any) -> str:
+    """Id of the kernel a Voilà page talks to (from the page's own ``api/kernels/<id>`` requests)."""
+    ids = page.evaluate("() => [...new Set(performance.getEntriesByType('resource').map(e => e.name)"
+                        ".map(n => (n.match(/\\/api\\/kernels\\/([0-9a-f-]{36})/) || [])[1]).filter(Boolean))]")
+    assert len(ids) == 1, f"the page talks to one kernel, not {ids}"
+    return str(ids[0])
+
+
+def warm_kernels(srv: AppServer) -> list[str]:
+    """Ids the server's log reports as warm kernels ready for a page (slideloop_apps.kernels), oldest first."""
+    return re.findall(r"slideloop: warm kernel ([0-9a-f-]{36}) ready", srv.log_text())
 
 
 def outside_requests(requests: list[str]) -> list[str]:
