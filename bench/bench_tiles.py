@@ -254,7 +254,7 @@ def main() -> int:
                 results["app_open_to_tiles"] = first_paint(srv.app_url())
         if not args.no_browser:
             # the same page without the warm kernel (slideloop_apps.kernels): a kernel start and imports per page
-            with app_server(folder, work / "no-warm", extra_args=("--WarmKernelManager.warm_kernels=0",)) as srv:
+            with app_server(folder, work / "no-warm", warm=0) as srv:
                 time.sleep(WARM_WAIT_S)
                 results["app_open_to_tiles_no_warm_kernel"] = first_paint(srv.app_url())
     print(json.dumps(results, indent=2))

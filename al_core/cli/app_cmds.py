@@ -87,9 +87,10 @@ def app_notebook_dir() -> Path:
 
 
 def server_command(project: Path, port: int, ip: str, open_browser: bool, view: str = DEFAULT_VIEW,
-                   cull: tuple[int, int] = KERNEL_CULL) -> list[str]:
+                   cull: tuple[int, int] = KERNEL_CULL, warm: int = WARM_KERNELS) -> list[str]:
     """The ``jupyter server`` command line of the app (Voilà + tile server as extensions); ``view`` picks the
-    notebook the browser opens (all are served either way); ``cull``: idle timeout and check interval, s."""
+    notebook the browser opens (all are served either way); ``cull``: idle timeout and check interval, s;
+    ``warm``: kernels kept started for the next page."""
     return [
         sys.executable, "-m", "jupyter_server",
         f"--ServerApp.root_dir={app_notebook_dir()}",
@@ -105,7 +106,7 @@ def server_command(project: Path, port: int, ip: str, open_browser: bool, view: 
         f"--SlideloopTiles.project={project}",
         # a started kernel with the app imported waits for the next page: no kernel start on opening a view
         "--ServerApp.kernel_manager_class=slideloop_apps.kernels.WarmKernelManager",
-        f"--WarmKernelManager.warm_kernels={WARM_KERNELS}",
+        f"--WarmKernelManager.warm_kernels={warm}",
         *kernel_cull_args(*cull),
         # containers (Docker, Binder-like images) often run as root; Jupyter refuses that unless told
         *(["--ServerApp.allow_root=True"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
