@@ -12,12 +12,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import secrets
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from al_core._constants import PROJECT_ENV as PROJECT_ENV
@@ -125,6 +122,8 @@ def run_app(project: Path, port: int, ip: str, open_browser: bool, view: str = D
         # the deployment view can upload a slide into an empty project; the review app needs one
         if not proj.slides() and view == "review":
             raise ProjectError(f"{project}: the project has no slides; add one with 'slideloop add'")
+    import secrets  # here, not at the top: every command imports this module to build the parser
+
     token = os.environ.get("JUPYTER_TOKEN") or secrets.token_hex(24)
     # the token goes through the environment, not the command line, where `ps` would show it to other users
     env = dict(os.environ, JUPYTER_TOKEN=token, **{PROJECT_ENV: str(project.resolve())})
@@ -153,6 +152,9 @@ def run_app(project: Path, port: int, ip: str, open_browser: bool, view: str = D
 
 def wait_until_serving(proc: subprocess.Popen[bytes], root: str, token: str, poll: float = 0.2) -> bool:
     """Wait until the server at ``root`` answers its status API (True) or its process exits (False)."""
+    import urllib.error  # brings http.client, email and ssl (25-50 ms here), which no other command needs
+    import urllib.request
+
     req = urllib.request.Request(root + "api/status", headers={"Authorization": f"token {token}"})
     while proc.poll() is None:
         try:
