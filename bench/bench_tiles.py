@@ -194,6 +194,10 @@ def during_import(port: int, token: str, paths: list[str], folder: Path, labels:
     return {**worst, "passes": len(runs), "import_s": round(import_s, 2)}
 
 
+#: seconds a fresh server is left alone before a first-paint run, as the warm server's were (its kernel ready)
+WARM_WAIT_S = 15
+
+
 def first_paint(url: str) -> dict[str, float]:
     with browser_page() as (page, _):
         t0 = time.perf_counter()
@@ -248,6 +252,11 @@ def main() -> int:
             results["labels_cold_1_client"] = http_run(port, srv.token, labels, 1)
             if not args.no_browser:
                 results["app_open_to_tiles"] = first_paint(srv.app_url())
+        if not args.no_browser:
+            # the same page without the warm kernel (slideloop_apps.kernels): a kernel start and imports per page
+            with app_server(folder, work / "no-warm", warm=0) as srv:
+                time.sleep(WARM_WAIT_S)
+                results["app_open_to_tiles_no_warm_kernel"] = first_paint(srv.app_url())
     print(json.dumps(results, indent=2))
     ratio_table(results)
     if args.json:

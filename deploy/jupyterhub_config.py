@@ -68,6 +68,10 @@ c.Spawner.args = [
     # kernels of pages that died without closing them are culled after 15 idle minutes (closed pages shut
     # theirs down at once): a shared server must not fill its memory with orphaned kernels
     *kernel_cull_args(),
+    # no warm kernel here (slideloop_apps.kernels.WarmKernelManager, which `slideloop app` runs with one): it
+    # saves a page a few seconds but holds one more idle kernel per user; where memory allows, add
+    # "--ServerApp.kernel_manager_class=slideloop_apps.kernels.WarmKernelManager",
+    # "--WarmKernelManager.warm_kernels=1",
     # containers often run everything as root, which Jupyter refuses unless told
     *(["--ServerApp.allow_root=True"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
 ]

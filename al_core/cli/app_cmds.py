@@ -12,12 +12,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import secrets
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from al_core._constants import PROJECT_ENV as PROJECT_ENV
@@ -33,6 +30,8 @@ SAMPLE_NAME = "CMU-1-Small-Region"
 #: Jupyter's idle culler, seconds: kernels with no page attached (a tab that died without closing its kernel)
 #: are shut down after 15 idle minutes, checked every minute; an open page keeps its kernel (cull_connected off)
 KERNEL_CULL = (900, 60)
+#: kernels the app keeps started, with its modules imported, for the next page to open (one: a single user's app)
+WARM_KERNELS = 1
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -85,9 +84,10 @@ def app_notebook_dir() -> Path:
 
 
 def server_command(project: Path, port: int, ip: str, open_browser: bool, view: str = DEFAULT_VIEW,
-                   cull: tuple[int, int] = KERNEL_CULL) -> list[str]:
+                   cull: tuple[int, int] = KERNEL_CULL, warm: int = WARM_KERNELS) -> list[str]:
     """The ``jupyter server`` command line of the app (Voilà + tile server as extensions); ``view`` picks the
-    notebook the browser opens (all are served either way); ``cull``: idle timeout and check interval, s."""
+    notebook the browser opens (all are served either way); ``cull``: idle timeout and check interval, s;
+    ``warm``: kernels kept started for the next page."""
     return [
         sys.executable, "-m", "jupyter_server",
         f"--ServerApp.root_dir={app_notebook_dir()}",
@@ -101,6 +101,9 @@ def server_command(project: Path, port: int, ip: str, open_browser: bool, view: 
         "--ServerApp.jpserver_extensions=slideloop_apps=True",
         "--ServerApp.jpserver_extensions=jupyter_server_mathjax=True",
         f"--SlideloopTiles.project={project}",
+        # a started kernel with the app imported waits for the next page: no kernel start on opening a view
+        "--ServerApp.kernel_manager_class=slideloop_apps.kernels.WarmKernelManager",
+        f"--WarmKernelManager.warm_kernels={warm}",
         *kernel_cull_args(*cull),
         # containers (Docker, Binder-like images) often run as root; Jupyter refuses that unless told
         *(["--ServerApp.allow_root=True"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
@@ -119,6 +122,8 @@ def run_app(project: Path, port: int, ip: str, open_browser: bool, view: str = D
         # the deployment view can upload a slide into an empty project; the review app needs one
         if not proj.slides() and view == "review":
             raise ProjectError(f"{project}: the project has no slides; add one with 'slideloop add'")
+    import secrets  # here, not at the top: every command imports this module to build the parser
+
     token = os.environ.get("JUPYTER_TOKEN") or secrets.token_hex(24)
     # the token goes through the environment, not the command line, where `ps` would show it to other users
     env = dict(os.environ, JUPYTER_TOKEN=token, **{PROJECT_ENV: str(project.resolve())})
@@ -147,6 +152,9 @@ def run_app(project: Path, port: int, ip: str, open_browser: bool, view: str = D
 
 def wait_until_serving(proc: subprocess.Popen[bytes], root: str, token: str, poll: float = 0.2) -> bool:
     """Wait until the server at ``root`` answers its status API (True) or its process exits (False)."""
+    import urllib.error  # brings http.client, email and ssl (25-50 ms here), which no other command needs
+    import urllib.request
+
     req = urllib.request.Request(root + "api/status", headers={"Authorization": f"token {token}"})
     while proc.poll() is None:
         try:

@@ -9,6 +9,7 @@ a run still going is shown again. When a run finishes the panel hands the new mo
 
 from __future__ import annotations
 
+import functools
 import html
 import io
 import logging
@@ -104,7 +105,7 @@ class TrainPanel(w.VBox):
                                         layout=w.Layout(width="100%")).add_class("slideloop-train-progress")
         self.timing = w.HTML().add_class("slideloop-train-time")
         # an empty Image is a broken-image icon: start with the empty chart that says what will come
-        self.curves = w.Image(value=render_curves([], TrainSettings.epochs), format="png",
+        self.curves = w.Image(value=empty_curves(TrainSettings.epochs), format="png",
                               layout=w.Layout(width="560px")).add_class("slideloop-curves")
         self.curve_caption = w.HTML().add_class("slideloop-curve-caption")
         self.compare = w.HTML().add_class("slideloop-compare")
@@ -436,6 +437,13 @@ def _loss_scale(ax: Any, losses: list[float]) -> None:
         ax.set_yscale("log")
     elif len(set(losses)) <= 2 or lo == hi:
         ax.set_ylim(0, max(hi, 1e-6) * 1.25)
+
+
+@functools.lru_cache(maxsize=4)
+def empty_curves(epochs: int) -> bytes:
+    """The chart before the first epoch, drawn once per kernel (every panel starts with it; a warm kernel has
+    drawn it before its page opens, see :data:`slideloop_apps.kernels.WARM_CODE`)."""
+    return render_curves([], epochs)
 
 
 def render_curves(history: list[dict[str, Any]], epochs: int) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -117,16 +118,21 @@ def wait_until_up(proc: subprocess.Popen[bytes], probe: Callable[[], int], log: 
 
 @contextmanager
 def app_server(project: Path, workdir: Path, base_url: str = "/", timeout: float = 90,
-               extra_args: tuple[str, ...] = (), cull: tuple[int, int] | None = None) -> Iterator[AppServer]:
+               extra_args: tuple[str, ...] = (), cull: tuple[int, int] | None = None,
+               warm: int | None = None) -> Iterator[AppServer]:
     """Start ``jupyter server`` with Voilà and the tile server on a free port, as ``slideloop app`` does
-    (``cull``: the idle-kernel culler's timeout and interval in seconds instead of the app's)."""
+    (``cull``: the idle-kernel culler's timeout and interval in seconds instead of the app's; ``warm``: warm
+    kernels instead of the app's)."""
     port = free_port()
     token = "test-token-" + os.urandom(8).hex()
     runtime = workdir / "jupyter-runtime"
     runtime.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, JUPYTER_TOKEN=token, SLIDELOOP_PROJECT=str(project), JUPYTER_RUNTIME_DIR=str(runtime),
                PYTHONWARNINGS="ignore")
-    cmd = server_command(project, port, "127.0.0.1", open_browser=False, **({"cull": cull} if cull else {}))
+    options: dict[str, Any] = {"cull": cull} if cull else {}
+    if warm is not None:
+        options["warm"] = warm
+    cmd = server_command(project, port, "127.0.0.1", open_browser=False, **options)
     if base_url != "/":
         cmd.append(f"--ServerApp.base_url={base_url}")
     cmd.extend(extra_args)
@@ -160,6 +166,19 @@ def browser_page(viewport: tuple[int, int] = (1440, 900)) -> Iterator[tuple[Any,
             yield page, requests
         finally:
             browser.close()
+
+
+def page_kernel(page: Any) -> str:
+    """Id of the kernel a Voilà page talks to (from the page's own ``api/kernels/<id>`` requests)."""
+    ids = page.evaluate("() => [...new Set(performance.getEntriesByType('resource').map(e => e.name)"
+                        ".map(n => (n.match(/\\/api\\/kernels\\/([0-9a-f-]{36})/) || [])[1]).filter(Boolean))]")
+    assert len(ids) == 1, f"the page talks to one kernel, not {ids}"
+    return str(ids[0])
+
+
+def warm_kernels(srv: AppServer) -> list[str]:
+    """Ids the server's log reports as warm kernels ready for a page (slideloop_apps.kernels), oldest first."""
+    return re.findall(r"slideloop: warm kernel ([0-9a-f-]{36}) ready", srv.log_text())
 
 
 def outside_requests(requests: list[str]) -> list[str]:

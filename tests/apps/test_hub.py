@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _browser import CHROMIUM, CHROMIUM_ARGS, free_port, http_status, wait_until_up
+from _browser import CHROMIUM, CHROMIUM_ARGS
+from _hub import run_hub
 from sqlalchemy import select
 
 from al_core.project.project import Project
@@ -26,8 +23,6 @@ from al_core.project.schema import JobRow
 from al_core.wsi.grid import GridSpec
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "deploy" / "jupyterhub_config.py"
 PASSWORD = "hub-test-" + os.urandom(6).hex()
 USERS = ("alice", "bob")
 TIMEOUT = 120_000  # ms: spawning a server and a cold kernel on two shared cores
@@ -40,20 +35,6 @@ class Hub:
     scheduler: str
     projects: dict[str, Path]
     log: Path
-
-
-def _free_low_port() -> int:
-    """A free port below Linux's ephemeral range. The worker service dials the scheduler's port until the
-    scheduler listens; were that port ephemeral, one dial could bind it as its own source port (TCP
-    self-connect) and the scheduler then fails with 'Address already in use' (seen here)."""
-    for port in random.sample(range(20000, 32000), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
 
 
 @pytest.fixture(scope="module")
@@ -69,44 +50,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory, sample_svs: Path, sample_geojs
             proj.build_grid(GridSpec(patch=256))
             proj.import_labels(sample_geojson, author="preannotation")
         projects[name] = (root / name).resolve()
-
-    port, hub_port, api_port, sched_port = free_port(), free_port(), free_port(), _free_low_port()
-    # the example as deployed, with the test's own authenticator, ports and state files on top
-    (work / "jupyterhub_config.py").write_text(
-        f"load_subconfig({str(EXAMPLE)!r})\n"
-        "c = get_config()\n"
-        # DummyAuthenticator's password option, renamed in JupyterHub 5.3
-        "c.JupyterHub.authenticator_class = 'shared-password'\n"
-        f"c.SharedPasswordAuthenticator.user_password = {PASSWORD!r}\n"
-        "c.JupyterHub.spawner_class = 'simple'\n"
-        f"c.SimpleLocalProcessSpawner.home_dir_template = {str(work / 'home' / '{username}')!r}\n"
-        f"c.JupyterHub.hub_bind_url = 'http://127.0.0.1:{hub_port}'\n"
-        f"c.ConfigurableHTTPProxy.api_url = 'http://127.0.0.1:{api_port}'\n"
-        f"c.ConfigurableHTTPProxy.pid_file = {str(work / 'proxy.pid')!r}\n"
-        f"c.JupyterHub.db_url = 'sqlite:///{work / 'hub.sqlite'}'\n"
-        f"c.JupyterHub.cookie_secret_file = {str(work / 'cookie_secret')!r}\n"
-        "c.Spawner.start_timeout = 120\n"
-        "c.Spawner.http_timeout = 120\n"
-    )
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, SLIDELOOP_HUB_URL=url, SLIDELOOP_PROJECTS_ROOT=str(root.resolve()),
-               SLIDELOOP_SCHEDULER_PORT=str(sched_port), PYTHONWARNINGS="ignore")
-    env.pop("SLIDELOOP_SCHEDULER", None)
-    env.pop("SLIDELOOP_PROJECT", None)
-    log = work / "hub.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(work / "jupyterhub_config.py")],
-                                cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    try:
-        wait_until_up(proc, lambda: http_status(f"{url}/hub/api/"), log, "jupyterhub", 60)
-        yield Hub(url, f"tcp://127.0.0.1:{sched_port}", projects, log)
-    finally:
-        proc.terminate()  # the hub stops the proxy, the users' servers and its services
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with run_hub(work, root, PASSWORD, spawn_timeout=120, start_timeout=60) as running:
+        yield Hub(running.url, running.scheduler, projects, running.log)
 
 
 def _login(page: Any, hub: Hub, name: str) -> None:
