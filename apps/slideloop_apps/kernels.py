@@ -51,6 +51,8 @@ def install(serverapp: Any) -> None:
     voila_cfg[HOOK] = chain(set_xsrf_cookie, existing) if callable(existing) else set_xsrf_cookie
 
 
+#: seconds the server's shutdown waits for a warming kernel to finish its imports before it cancels it
+SHUTDOWN_WAIT_S = 10.0
 #: what a warm kernel runs before it waits for a page: the views' modules, and the Train tab's empty chart
 #: (matplotlib's import and first draw are a second of a cold build); nothing that reads the project
 WARM_CODE = ("import slideloop_apps.deploy, slideloop_apps.index, slideloop_apps.review\n"
@@ -88,6 +90,8 @@ class WarmKernelManager(AsyncMappingKernelManager):
         self._base.__init__(**kwargs)
         self._warm: list[tuple[str, dict[str, str]]] = []  # (kernel id, the env it was started with)
         self._warming = 0
+        self._fills: set[asyncio.Future[None]] = set()  # refills running or waiting for their delay
+        self._closing = False
 
     @property
     def _base(self) -> Any:
@@ -105,7 +109,7 @@ class WarmKernelManager(AsyncMappingKernelManager):
         """Start warm kernels until the pool holds ``warm_kernels``; a failed one is logged and dropped."""
         if delay:
             await asyncio.sleep(delay)
-        while len(self._warm) + self._warming < self.warm_kernels:
+        while not self._closing and len(self._warm) + self._warming < self.warm_kernels:
             self._warming += 1
             try:
                 env = dict(os.environ)
@@ -145,7 +149,7 @@ class WarmKernelManager(AsyncMappingKernelManager):
             await asyncio.sleep(0.1)  # one is nearly ready (a page opened just after the server started)
         if kernel_id is None and self._warm and name in (None, self.default_kernel_name):
             kid, started_env = self._warm.pop(0)
-            asyncio.ensure_future(self.fill(self.refill_delay))
+            self.refill(self.refill_delay)
             env = kwargs.get("env") or {}
             changed = {k: v for k, v in env.items() if started_env.get(k) != v}
             cwd = str(self._base.cwd_for_path(path or "", env=env))
@@ -159,6 +163,25 @@ class WarmKernelManager(AsyncMappingKernelManager):
                 self.log.info("slideloop: page given warm kernel %s", kid)
                 return kid
         return str(await self._base.start_kernel(kernel_id=kernel_id, path=path, **kwargs))
+
+    def refill(self, delay: float = 0.0) -> None:
+        """Start filling the pool in the background (after ``delay`` s); the server's shutdown waits for it."""
+        if self._closing:
+            return
+        task = asyncio.ensure_future(self.fill(delay))
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+
+    async def shutdown_all(self, now: bool = False) -> None:  # type: ignore[override]
+        """Stop refilling, let a kernel that is warming finish its imports (a kernel shut down mid-execute logs
+        a ZMQ traceback), then shut every kernel down as Jupyter does."""
+        self._closing = True
+        if self._fills:
+            _, late = await asyncio.wait(set(self._fills), timeout=SHUTDOWN_WAIT_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        await self._base.shutdown_all(now=now)
 
     async def shutdown_kernel(self, kernel_id: str, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """Shut a kernel down, dropping it from the pool if it waited there."""

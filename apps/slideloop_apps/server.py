@@ -297,7 +297,7 @@ def load_extension(serverapp: Any) -> None:
         os.environ[PROJECT_ENV] = project_dir  # the app's kernel opens the same project
     kernels.install(serverapp)  # closed Voilà pages shut their kernels down
     if isinstance(serverapp.kernel_manager, kernels.WarmKernelManager):
-        serverapp.io_loop.add_callback(serverapp.kernel_manager.fill)
+        serverapp.io_loop.add_callback(serverapp.kernel_manager.refill)
     web_app = serverapp.web_app
     base_url = web_app.settings.get("base_url", "/")
     service = TileService(project_dir, config.workers, config.cache_mb)

@@ -145,8 +145,8 @@ def app_server(project: Path, workdir: Path, base_url: str = "/", timeout: float
         yield server
     finally:
         proc.terminate()
-        try:
-            proc.wait(timeout=20)
+        try:  # a clean stop may wait for a warming kernel (kernels.SHUTDOWN_WAIT_S) before shutting kernels down
+            proc.wait(timeout=40)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -79,3 +79,14 @@ def test_a_second_page_gets_the_refilled_kernel(demo: Path, tmp_path: Path) -> N
         assert page_kernel(page) == first
         assert page_kernel(other) == second, "each page its own warm kernel, never a shared one"
         assert srv.app_tracebacks() == []
+
+
+def test_stopping_the_server_while_a_kernel_warms_is_clean(demo: Path, tmp_path: Path) -> None:
+    """The server stops while the pool's kernel is still importing the app: shutdown waits for it, then shuts
+    it down; no task is destroyed pending and the kernel is not cut off in the middle of an execute."""
+    with app_server(demo, tmp_path) as srv:
+        assert warm_kernels(srv) == []  # answering already, the pool's kernel not ready yet
+    log = srv.log_text()
+    assert srv.proc.returncode == 0, log[-3000:]
+    assert "Task was destroyed but it is pending" not in log
+    assert "ZMQError" not in log and "Traceback" not in log, log[-3000:]
