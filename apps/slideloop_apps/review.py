@@ -7,6 +7,7 @@ Widgets here only lay out controls and forward events to :class:`~slideloop_apps
 from __future__ import annotations
 
 import html
+import logging
 from typing import Any
 
 import ipywidgets as w
@@ -25,8 +26,11 @@ from shapely.geometry import mapping
 from al_core.errors import SlideloopError
 from slideloop_apps.model_choice import ModelSwitcher
 from slideloop_apps.review_tools import ACCEPT_COLOUR, ERASE_COLOUR, ToolPanel
+from slideloop_apps.run_follower import RunFollower
 from slideloop_apps.state import ACCEPT, ZOOM_SNAP, AppState, QueueItem, fit_zoom, patch_center, patch_outline
 from slideloop_apps.ui import message_html, scale_bar_html
+
+log = logging.getLogger(__name__)
 
 #: the map fills the window's height below the title and message (at 1280×800 the queue must stay on screen)
 MAP_HEIGHT = "max(420px, calc(100vh - 190px))"
@@ -358,14 +362,37 @@ def _short(name: str) -> str:
 
 def build_app() -> w.Widget:
     """The app for the project in ``SLIDELOOP_PROJECT`` (review and training tabs), or a clear message when it
-    cannot be opened."""
+    cannot be opened.
+
+    The Train tab's panel is built when the tab is first opened: it is nearly half the page's widgets, and a
+    reviewer's first paint should not wait for them. Finished runs reach the queue meanwhile through the
+    page's :class:`RunFollower`."""
     try:
         state = AppState.from_env()
         review = ReviewApp(state)
+        follower = RunFollower(state).start()
     except SlideloopError as err:
         return w.HTML(message_html(f"slideloop cannot open the project: {err}", "error"))
-    from slideloop_apps.train_panel import TrainPanel  # imports matplotlib: only once a project opened
-
-    tabs = w.Tab([review, TrainPanel(state)]).add_class("slideloop-tabs")
+    train_tab = w.VBox([w.HTML(message_html("Opening the training panel…"))]).add_class("slideloop-train-tab")
+    tabs = w.Tab([review, train_tab]).add_class("slideloop-tabs")
     tabs.titles = ("Review", "Train")
+
+    built: list[w.Widget] = []
+
+    def open_train(change: dict[str, Any]) -> None:
+        if change["new"] != 1 or built:
+            return
+        try:
+            # matplotlib is imported only for a page that opens the tab
+            from slideloop_apps.train_panel import TrainPanel
+
+            built.append(TrainPanel(state, follower=follower))
+        except Exception as err:  # shown in the tab; the review side stays usable
+            log.exception("the training panel failed")
+            train_tab.children = (w.HTML(message_html(f"The training panel failed: {type(err).__name__}: {err}",
+                                                      "error")),)
+            return
+        train_tab.children = tuple(built)
+
+    tabs.observe(open_train, names="selected_index")
     return tabs

@@ -3,8 +3,8 @@
 Training runs on the Dask worker (:mod:`al_core.jobs`), never in this kernel. A daemon thread polls the job row
 and the model rows once a second and updates the widgets (ipykernel sends widget messages from any thread), so
 the dashboard stays responsive. All it shows comes from the store: reload the page, or restart the kernel, and
-a run still going is shown again. When a run finishes the panel hands the new model to
-:meth:`AppState.use_model`, which re-ranks the queue and swaps the prediction overlay.
+a run still going is shown again. A finished run's model reaches the queue through the page's
+:class:`~slideloop_apps.run_follower.RunFollower`, which works whether or not the panel was ever built.
 """
 
 from __future__ import annotations
@@ -14,16 +14,14 @@ import html
 import io
 import logging
 import math
-import os
 import threading
-import time
 from typing import Any
 
 import ipywidgets as w
 
-from al_core.project import jobs
 from al_core.project.schema import ModelRow
-from slideloop_apps.model_choice import KeptBack, evaluation_of
+from slideloop_apps.model_choice import KeptBack
+from slideloop_apps.run_follower import POLL_S, RunFollower, finished_message
 from slideloop_apps.state import AppState
 from slideloop_apps.train_tables import instance_classes, num, objects_html, rounds_html
 from slideloop_apps.training import (
@@ -46,10 +44,6 @@ log = logging.getLogger(__name__)
 _WIDE = "400px"
 #: the "Start from" choice of a new model (a Dropdown shows nothing for None; model ids start at 1)
 NEW = 0
-#: seconds between two looks at the store
-POLL_S = 1.0
-#: a queued/running job the shared scheduler has not heard of for this long was lost (scheduler restart)
-LOST_GRACE_S = 30.0
 _TABLE_CSS = ("<style>.slideloop-models table, .slideloop-compare table {border-collapse:collapse;"
               "font:12px ui-monospace,Menlo,Consolas,monospace} .slideloop-models td, .slideloop-models th,"
               ".slideloop-compare td, .slideloop-compare th {padding:2px 8px;border-bottom:1px solid #ddd;"
@@ -66,12 +60,15 @@ class TrainPanel(w.VBox):
     """Training controls, progress, learning curves and the model versions of one :class:`AppState`."""
 
     def __init__(self, state: AppState, service: TrainingService | None = None, poll: bool = True,
-                 **kwargs: Any) -> None:
+                 follower: RunFollower | None = None, **kwargs: Any) -> None:
         self.state = state
-        self.service = service or TrainingService(state.project, author=state.author)
+        self.service = service or (follower.service if follower is not None else
+                                   TrainingService(state.project, author=state.author))
+        # the page's follower when it has one (started before the panel was built); else the panel's own
+        self.follower = follower or RunFollower(state, self.service)
+        self._own_follower = follower is None
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._applied: int | None = None  # the finished job whose model the queue already uses
         self._shown: dict[str, Any] = {}  # what the widgets show now, to redraw only on change
         self._submitting = False
         self._parent_encoder = False  # the encoder box shows a parent's encoder, not the user's choice
@@ -139,26 +136,15 @@ class TrainPanel(w.VBox):
         self.cancel_btn.on_click(self._on_cancel)
         self.objects_btn.on_click(self._on_objects)
 
-        current = self.service.current_job()
-        if current is not None and current.status == "done":
-            self._applied = current.id  # the state already ranks with the newest finished model
         self.refresh()
         if poll:
+            self.follower.start()
             threading.Thread(target=self._poll, name="slideloop-train-poll", daemon=True).start()
 
     # --- polling -----------------------------------------------------------------------------------
     def _poll(self) -> None:
-        shared = bool(os.environ.get(jobs.SCHEDULER_ENV))
-        reaped = 0.0
         while not self._stop.wait(POLL_S):
             try:
-                # a shared scheduler is cheap to reach: connect at once for queue positions and lost jobs;
-                # a per-kernel LocalCluster starts only when this kernel submits
-                if shared and not self.service.connected and self.service.active_job() is not None:
-                    self.service.client  # noqa: B018 (connects)
-                if shared and self.service.connected and time.monotonic() - reaped > 10:
-                    reaped = time.monotonic()
-                    self.service.reap_lost(LOST_GRACE_S)
                 self.refresh()
             except Exception as err:  # the thread must outlive a bad poll (e.g. a locked database)
                 log.exception("training panel poll failed")
@@ -167,6 +153,8 @@ class TrainPanel(w.VBox):
     def close(self) -> None:
         """Stop polling the training state and close the panel's widgets."""
         self._stop.set()
+        if self._own_follower:
+            self.follower.stop()
         super().close()
 
     def refresh(self) -> None:
@@ -183,10 +171,7 @@ class TrainPanel(w.VBox):
                 return
             self._show_run(view)
             self._show_curves(view)
-            if view.status == "done" and view.model_id is not None and self._applied != view.job_id:
-                self._applied = view.job_id
-                self.state.use_model()  # the active model: the new one only if it was promoted
-                self.state.say(_finished(view, self._model_row(view)), "ok" if self.state.model_id == view.model_id else "warning")
+            if self.follower.apply(view):
                 self._show_models(view, force=True)
             self.kept.refresh()
             if view.status == "done" and view.model_id is not None:
@@ -226,7 +211,7 @@ class TrainPanel(w.VBox):
                 text += f", loss {v.loss:.3f}"
             text += "."
         elif v.status == "done":
-            text = _finished(v, self._model_row(v))
+            text = finished_message(v, self._model_row(v))
             level = "ok" if self.state.model_id == v.model_id else "warning"
         elif v.status == "cancelled":
             text, level = f"Job {v.job_id} was cancelled; {keep}.", "warning"
@@ -482,15 +467,6 @@ def render_curves(history: list[dict[str, Any]], epochs: int) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
-
-
-def _finished(v: RunView, row: ModelRow | None) -> str:
-    """What a finished run did to the queue: its model ranks it, or it was kept back (and why)."""
-    ev = evaluation_of(row) if row is not None else {}
-    if ev and not ev.get("promoted"):
-        return (f"Job {v.job_id} finished: model {v.model_id} was kept back ({ev.get('reason')}); "
-                f"model {ev.get('active_id')} still ranks the queue.")
-    return f"Job {v.job_id} finished: model {v.model_id} ranks the queue now."
 
 
 def _clock(seconds: float) -> str:
