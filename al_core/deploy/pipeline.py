@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from al_core.deploy.read_runs import read_patches
 from al_core.deploy.segmenter import OnnxSegmenter
 from al_core.deploy.stitch import StripBlender
 from al_core.errors import InferenceError, SlideloopError
@@ -65,18 +66,17 @@ class _Pipeline:
         return False
 
     def read(self) -> None:
-        """Reader thread: read and preprocess batches of patches (its own Slide: tiffslide is not thread-safe)."""
+        """Reader thread: read (a row's run of patches at a time) and preprocess batches of patches (its own
+        Slide: tiffslide is not thread-safe)."""
         try:
             with open_slide(self.slide_path, mpp=self.mpp) as slide:
-                for i in range(0, len(self.xs), self.batch_size):
-                    t = time.perf_counter()
-                    bx, by = self.xs[i:i + self.batch_size], self.ys[i:i + self.batch_size]
-                    rgb = np.stack([slide.read((round(x * self.ds), round(y * self.ds)), (self.patch, self.patch),
-                                               downsample=self.ds) for x, y in zip(bx, by, strict=True)])
+                t = time.perf_counter()
+                for part, rgb in read_patches(slide, self.xs, self.ys, self.ds, self.patch, self.batch_size):
                     x_in = self.seg.normalise(self.pre(rgb))
                     self.add_time("input", time.perf_counter() - t)
-                    if not self.put(self.q_in, (bx, by, x_in)):
+                    if not self.put(self.q_in, (self.xs[part], self.ys[part], x_in)):
                         return
+                    t = time.perf_counter()
         except BaseException as err:
             self.fail(err)
         finally:
