@@ -39,7 +39,17 @@ def mask_to_shapes(
     by_class: dict[int, list[BaseGeometry]] = {}
     for geom_json, value in rasterio.features.shapes(values, mask=values != background, transform=transform):
         by_class.setdefault(int(value), []).append(shape(geom_json))
-    return [(cls, shapely.union_all(geoms)) for cls, geoms in sorted(by_class.items())]
+    return [(cls, _join(geoms)) for cls, geoms in sorted(by_class.items())]
+
+
+def _join(parts: list[BaseGeometry]) -> BaseGeometry:
+    """One class's polygonised parts as one geometry. They are its 4-connected components, so they meet at
+    most at pixel corners and already make a valid MultiPolygon; a union of thousands of parts (a noisy
+    whole-slide map) costs seconds for nothing, so it is only the fallback for an invalid result."""
+    if len(parts) == 1:
+        return parts[0] if parts[0].is_valid else shapely.union_all(parts)
+    joined = MultiPolygon(parts)
+    return joined if joined.is_valid else shapely.union_all(parts)
 
 
 def rasterize(

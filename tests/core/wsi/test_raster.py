@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
+import shapely
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from shapely.geometry import GeometryCollection, LineString, MultiPolygon, Point, Polygon, box
 
 from al_core.wsi.raster import mask_to_shapes, polygonal_part, rasterize
@@ -48,3 +52,16 @@ def test_polygonal_part_drops_lines_and_points():
     part = polygonal_part(mixed)
     assert isinstance(part, MultiPolygon) and part.area == pytest.approx(2.0)
     assert polygonal_part(GeometryCollection([Point(0, 0)])).is_empty
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.uint8, st.tuples(st.integers(1, 24), st.integers(1, 24)), elements=st.integers(0, 2)))
+def test_each_class_is_one_valid_geometry_equal_to_the_union_of_its_pixels(mask):
+    # random masks are full of regions meeting at a corner only: they must still make one valid geometry
+    shapes = mask_to_shapes(mask, scale=2.0)
+    assert [c for c, _ in shapes] == sorted({1, 2} & set(np.unique(mask).tolist()))
+    for cls, geom in shapes:
+        assert geom.is_valid
+        cells = shapely.union_all([box(2 * x, 2 * y, 2 * x + 2, 2 * y + 2) for y, x in np.argwhere(mask == cls)])
+        assert geom.symmetric_difference(cells).area == 0
+    assert np.array_equal(rasterize(shapes, (0, 0), 2.0, mask.shape[::-1]), mask)
