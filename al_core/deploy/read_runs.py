@@ -45,9 +45,13 @@ def read_run(slide: Slide, xs: npt.NDArray[np.int64], y: int, ds: float, patch: 
 def read_patches(slide: Slide, xs: npt.NDArray[np.int64], ys: npt.NDArray[np.int64], ds: float, patch: int,
                  batch_size: int) -> Iterator[tuple[slice, npt.NDArray[np.uint8]]]:
     """Batches of ``batch_size`` patches (the last may be smaller) in the given order, as (index slice, RGB)."""
+    # Only a whole-number downsample cuts the same pixels from a run as from single reads (its corners land on
+    # level-0 pixels); otherwise each patch is read on its own, rounded as training and prediction read it,
+    # so a deployed model sees what it was trained and checked on.
+    exact = abs(ds - round(ds)) < 1e-9
     pending: list[npt.NDArray[np.uint8]] = []
     done = 0
-    for start, stop in row_runs(xs, ys, patch):
+    for start, stop in row_runs(xs, ys, patch, MAX_RUN if exact else 1):
         pending.extend(read_run(slide, xs[start:stop], int(ys[start]), ds, patch))
         while len(pending) >= batch_size:
             yield slice(done, done + batch_size), np.stack(pending[:batch_size])

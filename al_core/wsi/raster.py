@@ -46,10 +46,11 @@ def _join(parts: list[BaseGeometry]) -> BaseGeometry:
     """One class's polygonised parts as one geometry. They are its 4-connected components, so they meet at
     most at pixel corners and already make a valid MultiPolygon; a union of thousands of parts (a noisy
     whole-slide map) costs seconds for nothing, so it is only the fallback for an invalid result."""
-    if len(parts) == 1:
-        return parts[0] if parts[0].is_valid else shapely.union_all(parts)
-    joined = MultiPolygon(parts)
-    return joined if joined.is_valid else shapely.union_all(parts)
+    polys = [g for g in parts if isinstance(g, Polygon)]
+    if len(polys) == len(parts) == 1 and polys[0].is_valid:
+        return polys[0]
+    joined = MultiPolygon(polys) if len(polys) == len(parts) > 1 else None
+    return joined if joined is not None and joined.is_valid else shapely.union_all(parts)
 
 
 def rasterize(
