@@ -19,7 +19,7 @@ from typing import Any
 
 from jupyter_server._tz import utcnow
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
-from traitlets import Float, Int, Unicode
+from traitlets import Float, Int, TraitError, Unicode
 
 #: Voilà's hook run before a page's kernel starts (``VoilaConfiguration.prelaunch_hook``)
 HOOK = "prelaunch_hook"
@@ -187,6 +187,18 @@ class WarmKernelManager(AsyncMappingKernelManager):
         """Shut a kernel down, dropping it from the pool if it waited there."""
         self._warm = [(k, e) for k, e in self._warm if k != kernel_id]
         await self._base.shutdown_kernel(kernel_id, *args, **kwargs)
+
+    def kernel_model(self, kernel_id: str) -> dict[str, Any]:
+        """Jupyter's kernel model, also for a kernel still starting (the pool starts them while pages list
+        kernels): Jupyter sets ``last_activity`` only once the start returns, and its ``GET /api/kernels`` fails
+        with a 500 for every kernel in between (seen in CI while the pool refilled)."""
+        kernel = self._kernels.get(kernel_id)
+        if kernel is not None:
+            try:
+                kernel.last_activity  # noqa: B018 (raises while unset)
+            except TraitError:
+                kernel.last_activity = utcnow()
+        return dict(self._base.kernel_model(kernel_id))
 
     async def cull_kernel_if_idle(self, kernel_id: str) -> None:
         """Jupyter's idle culler, except for the pool's kernels: they are idle by design."""

@@ -90,3 +90,15 @@ def test_stopping_the_server_while_a_kernel_warms_is_clean(demo: Path, tmp_path:
     assert srv.proc.returncode == 0, log[-3000:]
     assert "Task was destroyed but it is pending" not in log
     assert "ZMQError" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_listing_kernels_while_one_is_still_starting_does_not_fail() -> None:
+    # Jupyter registers a kernel before it sets its last_activity; the pool starts kernels while pages list
+    # them, and GET /api/kernels answered 500 in that window (CI)
+    from jupyter_server.services.kernels.kernelmanager import ServerKernelManager
+    from slideloop_apps.kernels import WarmKernelManager
+
+    km = WarmKernelManager()
+    km._kernels["starting"] = ServerKernelManager()  # as MultiKernelManager holds it mid-start
+    [model] = km.list_kernels()
+    assert model["id"] == "starting" and model["last_activity"]
