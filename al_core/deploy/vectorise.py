@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -20,36 +19,37 @@ def write_geojson(path: str | os.PathLike[str], cmap: npt.NDArray[np.uint8], ds:
     huge, slow polygons and is no annotation); class maps larger than ``max_side`` are coarsened.
     Returns the feature count."""
     import shapely
-    from shapely.geometry import MultiPolygon
+    from shapely.geometry import MultiPolygon, Polygon
+    from shapely.geometry.base import BaseGeometry
 
-    from al_core.project.labels_io import to_geojson
-    from al_core.wsi.raster import mask_to_shapes
+    from al_core.project.labels_io import geojson_bytes
+    from al_core.wsi.raster import mask_to_parts
 
     step = max(1, math.ceil(max(cmap.shape) / max_side))
     small = np.array(cmap[::step, ::step] if step > 1 else cmap, dtype=np.uint8)
     bg = cfg.background_index
     limit = max(1, min_pixels // (step * step))
-    for idx in np.unique(small):
-        if idx == bg:
+    for value in np.flatnonzero(np.bincount(small.ravel(), minlength=256)).tolist():
+        if value == bg:
             continue
-        m = small == idx
+        m = small == value
         keep = ~_without_small(~_without_small(m, limit), limit)  # small regions dropped, then small holes filled
         small[m & ~keep] = bg
-        small[keep & ~m & (small == bg)] = idx  # filled holes that were background
+        small[keep & ~m & (small == bg)] = value  # filled holes that were background
     scale = ds * step
     by_idx = {c.index: c for c in cfg.classes}
-    shapes = []
-    for idx, geom in mask_to_shapes(small, scale=scale, background=bg):
-        # simplify each connected part on its own: one topology-preserving pass over a MultiPolygon of
-        # many parts is quadratic
-        simplified = shapely.simplify(shapely.get_parts(geom), scale, preserve_topology=True)
-        parts = [g for g in simplified if not g.is_empty]
-        if not parts:
+    shapes: list[tuple[BaseGeometry, str, str]] = []
+    for idx, parts in mask_to_parts(small, scale=scale, background=bg):
+        # simplify each connected part on its own (one topology-preserving pass over a MultiPolygon of many
+        # parts is quadratic); 4-connected regions meet at corners at most, so they need no union
+        simplified = np.asarray(shapely.simplify(np.array(parts, dtype=object), scale, preserve_topology=True))
+        kept: list[Polygon] = simplified[~shapely.is_empty(simplified)].tolist()
+        if not kept:
             continue
         c = by_idx.get(idx)
-        shapes.append((MultiPolygon(parts) if len(parts) > 1 else parts[0], c.name if c else f"Class {idx}",
+        shapes.append((MultiPolygon(kept) if len(kept) > 1 else kept[0], c.name if c else f"Class {idx}",
                        c.color if c else "#808080"))
-    atomic_write_bytes(path, json.dumps(to_geojson(shapes)).encode())
+    atomic_write_bytes(path, geojson_bytes(shapes))
     return len(shapes)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import shapely
-from shapely.geometry import mapping, shape
+from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
 from al_core.errors import LabelError
@@ -200,20 +200,20 @@ def _classification(props: dict[str, Any]) -> tuple[str | None, tuple[int, int, 
     return name, color
 
 
-def to_geojson(shapes: Iterable[tuple[BaseGeometry, str, str]]) -> dict[str, Any]:
-    """QuPath-style FeatureCollection from (geometry, class name, '#rrggbb') triples."""
+def geojson_bytes(shapes: Iterable[tuple[BaseGeometry, str, str]]) -> bytes:
+    """QuPath-style FeatureCollection from (geometry, class name, '#rrggbb') triples, as UTF-8 JSON.
+
+    Geometries are written by GEOS's GeoJSON writer in one vectorised call: walking a whole-slide map's
+    vertices through ``shapely.geometry.mapping`` held the GIL for most of the export."""
+    items = list(shapes)
+    geoms: list[str] = np.asarray(shapely.to_geojson(np.array([g for g, _, _ in items], dtype=object))).tolist()
     features = []
-    for geom, name, color in shapes:
-        features.append({
-            "type": "Feature",
-            "id": str(uuid.uuid4()),
-            "geometry": mapping(geom),
-            "properties": {
-                "objectType": "annotation",
-                "classification": {"name": name, "color": list(hex_to_rgb(color))},
-            },
-        })
-    return {"type": "FeatureCollection", "features": features}
+    for (_, name, color), geom_json in zip(items, geoms, strict=True):
+        head = json.dumps({"type": "Feature", "id": str(uuid.uuid4()),
+                           "properties": {"objectType": "annotation",
+                                          "classification": {"name": name, "color": list(hex_to_rgb(color))}}})
+        features.append(f'{head[:-1]}, "geometry": {geom_json}}}')
+    return ('{"type": "FeatureCollection", "features": [' + ", ".join(features) + "]}").encode()
 
 
 def mask_size(path: Path) -> tuple[int, int]:

@@ -273,7 +273,7 @@ class Project:
 
     def export_labels(self, out: str | os.PathLike[str], slide: SlideKey | None = None) -> int:
         """Write the current labels as QuPath GeoJSON (one file; with several slides, ``slide`` is required)."""
-        from al_core.project.labels_io import to_geojson
+        from al_core.project.labels_io import geojson_bytes
 
         slides = [self.slide_row(slide)] if slide else self.slides()
         if len(slides) != 1:
@@ -282,7 +282,7 @@ class Project:
         classes = {c.idx: c for c in self.classes()}
         shapes = [(a.geometry, classes[a.class_idx].name, classes[a.class_idx].color)
                   for a in self.labels.annotations(slides[0].id)]
-        atomic_write_bytes(out, json.dumps(to_geojson(shapes)).encode())
+        atomic_write_bytes(out, geojson_bytes(shapes))
         return len(shapes)
 
     def preannotate(self, slide: SlideKey, class_idx: int, author: str = "preannotate") -> tuple[int, float]:

@@ -10,7 +10,7 @@ import numpy.typing as npt
 import rasterio.features
 import shapely
 from affine import Affine
-from shapely.geometry import MultiPolygon, Polygon, shape
+from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
 
@@ -32,17 +32,42 @@ def mask_to_shapes(
 
     ``offset``/``scale`` map mask pixels to level-0 pixels (x0 = offset_x + col * scale).
     """
+    return [(cls, _join(parts)) for cls, parts in mask_to_parts(mask, offset=offset, scale=scale,
+                                                                background=background)]
+
+
+def mask_to_parts(
+    mask: npt.NDArray[Any], *, offset: tuple[float, float] = (0.0, 0.0), scale: float = 1.0, background: int = 0
+) -> list[tuple[int, list[Polygon]]]:
+    """Each class's 4-connected regions as Polygons (exact pixel edges, holes included), by class index: what
+    :func:`mask_to_shapes` joins, for callers that work part by part."""
     if mask.ndim != 2:
         raise ValueError(f"a label mask must be 2-D, got shape {mask.shape}")
     values = mask.astype(np.int32) if mask.dtype not in (np.uint8, np.int16, np.uint16, np.int32) else mask
     transform = Affine(scale, 0, offset[0], 0, scale, offset[1])
-    by_class: dict[int, list[BaseGeometry]] = {}
-    for geom_json, value in rasterio.features.shapes(values, mask=values != background, transform=transform):
-        by_class.setdefault(int(value), []).append(shape(geom_json))
-    return [(cls, _join(geoms)) for cls, geoms in sorted(by_class.items())]
+    found = list(rasterio.features.shapes(values, mask=values != background, transform=transform))
+    if not found:
+        return []
+    polys = _polygons([g["coordinates"] for g, _ in found])
+    by_class: dict[int, list[Polygon]] = {}
+    for poly, (_, value) in zip(polys, found, strict=True):
+        by_class.setdefault(int(value), []).append(poly)
+    return sorted(by_class.items())
 
 
-def _join(parts: list[BaseGeometry]) -> BaseGeometry:
+def _polygons(rings_of: list[Any]) -> list[Polygon]:
+    """Polygons from GeoJSON-style ring lists (shell first, then holes), built in two vectorised GEOS calls:
+    ``shapely.geometry.shape`` walks every vertex in Python, which dominated a whole-slide map's vectorising."""
+    rings = [r for rs in rings_of for r in rs]
+    coords = np.array([xy for r in rings for xy in r], dtype=np.float64)
+    ring_ids = np.repeat(np.arange(len(rings)), [len(r) for r in rings])
+    poly_ids = np.repeat(np.arange(len(rings_of)), [len(rs) for rs in rings_of])
+    made = np.asarray(shapely.polygons(np.asarray(shapely.linearrings(coords, indices=ring_ids)), indices=poly_ids))
+    polys: list[Polygon] = made.tolist()
+    return polys
+
+
+def _join(parts: list[Polygon]) -> BaseGeometry:
     """One class's polygonised parts as one geometry. They are its 4-connected components, so they meet at
     most at pixel corners and already make a valid MultiPolygon; a union of thousands of parts (a noisy
     whole-slide map) costs seconds for nothing, so it is only the fallback for an invalid result."""

@@ -8,11 +8,13 @@ import json
 import numpy as np
 import pytest
 import tifffile
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
-from shapely.geometry import box
+from shapely.geometry import MultiPolygon, box, shape
 
 from al_core import GridSpec, LabelError
-from al_core.project.labels_io import read_geojson
+from al_core.project.labels_io import geojson_bytes, read_geojson
 
 
 @pytest.fixture()
@@ -122,3 +124,23 @@ def test_mask_tile_folder(tmp_path, project):
     Image.fromarray(np.zeros((100, 256), np.uint8)).save(labels / "CMU-1-Small-Region [d=2,x=0,y=512,w=512,h=512].png")
     with pytest.raises(LabelError, match=r"mask is 256x100 px but its name says 512x512 at d=2"):
         project.import_labels(tmp_path / "export")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1e5), st.floats(0, 1e5), st.floats(0.001, 5e3), st.booleans()),
+                min_size=1, max_size=4), st.text(min_size=1, max_size=12))
+def test_geojson_bytes_writes_every_vertex_exactly(boxes, name):
+    """The GEOS writer must not round coordinates (QuPath re-imports what we export) and the feature wrapper
+    must stay valid JSON whatever the class name holds."""
+    shapes = []
+    for x, y, size, holed in boxes:
+        outer = box(x, y, x + size, y + size * 0.7)
+        geom = outer.difference(box(x + size / 4, y + size / 8, x + size / 2, y + size / 4)) if holed else outer
+        shapes.append((geom, name, "#12ab9f"))
+    shapes.append((MultiPolygon([box(0.1, 0.2, 1.3, 1.4), box(3.5, 3.25, 4.125, 4.0625)]), name, "#000000"))
+    data = json.loads(geojson_bytes(shapes))
+    assert data["type"] == "FeatureCollection" and len(data["features"]) == len(shapes)
+    for f, (geom, n, color) in zip(data["features"], shapes, strict=True):
+        assert shape(f["geometry"]).equals_exact(geom, 0)
+        assert f["properties"]["classification"] == {"name": n, "color": [int(color[i:i + 2], 16) for i in (1, 3, 5)]}
+    assert json.loads(geojson_bytes([])) == {"type": "FeatureCollection", "features": []}
