@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -26,33 +26,44 @@ def pyramid_sizes(width: int, height: int, min_size: int = 512) -> list[tuple[in
     return sizes
 
 
-def _tiles(src: npt.NDArray[np.uint8], scale: float, size: tuple[int, int], tile: int,
-           signal: RowSignal | None, waited: list[float]) -> Iterator[npt.NDArray[np.uint8]]:
-    """Tiles (row-major) of a ``size`` image sampled nearest-neighbour from ``src``, whose pixels are
-    ``scale`` output pixels wide; waits for rows still being predicted when ``signal`` is given."""
-    w, h = size
-    sh, sw = src.shape[:2]
-    cols = np.minimum(((np.arange(w) + 0.5) / scale).astype(np.int64), sw - 1)
-    rows = np.minimum(((np.arange(h) + 0.5) / scale).astype(np.int64), sh - 1)
-    extra = src.shape[2:]
-    uniform: dict[Any, npt.NDArray[np.uint8]] = {}
-    for ty in range(0, h, tile):
-        r = rows[ty:ty + tile]
-        if signal is not None:
-            waited[0] += signal.wait(int(r[-1]) + 1)
-        block_rows = src[r[0]:r[-1] + 1]  # the source rows under this tile row (upsampled: few)
+def _axis(n: int, scale: float, src_n: int) -> npt.NDArray[np.int64]:
+    """Source index of each of ``n`` output pixels (nearest, sampled at pixel centres)."""
+    return np.minimum(((np.arange(n) + 0.5) / scale).astype(np.int64), src_n - 1)
+
+
+class _Level:
+    """One pyramid level's tiles, sampled nearest-neighbour from ``src`` (whose pixels are ``scale`` output
+    pixels wide), one tile row at a time."""
+
+    def __init__(self, src: npt.NDArray[np.uint8], scale: float, size: tuple[int, int], tile: int) -> None:
+        self.src, self.size, self.tile = src, size, tile
+        self.cols = _axis(size[0], scale, src.shape[1])
+        self.rows = _axis(size[1], scale, src.shape[0])
+        self.n_rows = math.ceil(size[1] / tile)
+        self.uniform: dict[Any, npt.NDArray[np.uint8]] = {}
+
+    def rows_needed(self, j: int) -> int:
+        """Source rows [0, n) that tile row ``j`` reads."""
+        return int(self.rows[min((j + 1) * self.tile, self.size[1]) - 1]) + 1
+
+    def tile_row(self, j: int) -> Iterator[npt.NDArray[np.uint8]]:
+        """The tiles of tile row ``j``, left to right, padded to full tiles."""
+        tile, (w, _) = self.tile, self.size
+        r = self.rows[j * tile:(j + 1) * tile]
+        extra = self.src.shape[2:]
+        block_rows = self.src[r[0]:r[-1] + 1]  # the source rows under this tile row (upsampled: few)
         strip = None
         for tx in range(0, w, tile):
-            c = cols[tx:tx + tile]
+            c = self.cols[tx:tx + tile]
             full = len(r) == tile and len(c) == tile
             if full and not extra:
                 # most tiles of a class map are one class: skip the gather (and reuse the array) for those
                 blk = block_rows[:, c[0]:c[-1] + 1]
                 v = blk.flat[0]
                 if (blk == v).all():
-                    if v not in uniform:
-                        uniform[v] = np.full((tile, tile), v, np.uint8)
-                    yield uniform[v]
+                    if v not in self.uniform:
+                        self.uniform[v] = np.full((tile, tile), v, np.uint8)
+                    yield self.uniform[v]
                     continue
             if strip is None:
                 strip = block_rows[r - r[0]]
@@ -60,6 +71,71 @@ def _tiles(src: npt.NDArray[np.uint8], scale: float, size: tuple[int, int], tile
             if not full:
                 t = np.pad(t, [(0, tile - t.shape[0]), (0, tile - t.shape[1])] + [(0, 0)] * len(extra))
             yield np.ascontiguousarray(t)
+
+
+class _Encoded:
+    """Lower levels encoded ahead, tile row by tile row, while level 0 waits for rows still being predicted:
+    ONNX Runtime leaves the cores partly idle then, and the end of a run (after the last batch) is what a
+    user waits for. Holds at most ``budget`` bytes; the rest is encoded when its level is written."""
+
+    def __init__(self, levels: list[_Level], encode: Callable[[npt.NDArray[np.uint8]], bytes], budget: int) -> None:
+        self.levels, self.encode, self.budget = levels, encode, budget
+        self.done = [0] * len(levels)  # tile rows encoded ahead, per level
+        self.chunks: list[list[bytes]] = [[] for _ in levels]
+        self.held = 0
+        self._same: dict[Any, bytes] = {}
+
+    def _encode(self, t: npt.NDArray[np.uint8], lvl: _Level) -> bytes:
+        v = t.flat[0]
+        if t is lvl.uniform.get(v):  # a one-class tile: the same bytes on every level
+            if v not in self._same:
+                self._same[v] = self.encode(t)
+            return self._same[v]
+        return self.encode(t)
+
+    def ahead(self, rows_final: int) -> None:
+        """Encode every tile row whose source rows are all final, within the budget."""
+        for i, lvl in enumerate(self.levels):
+            while self.held < self.budget and self.done[i] < lvl.n_rows and lvl.rows_needed(self.done[i]) <= rows_final:
+                for t in lvl.tile_row(self.done[i]):
+                    b = self._encode(t, lvl)
+                    self.chunks[i].append(b)
+                    self.held += len(b)
+                self.done[i] += 1
+
+    def tiles(self, i: int) -> Iterator[bytes]:
+        """Level ``i``'s encoded tiles in file order: those encoded ahead, then the rest."""
+        lvl = self.levels[i]
+        yield from self.chunks[i]
+        self.chunks[i] = []
+        for j in range(self.done[i], lvl.n_rows):
+            for t in lvl.tile_row(j):
+                yield self._encode(t, lvl)
+
+
+def _level0_tiles(lvl: _Level, signal: RowSignal | None, lower: _Encoded | None,
+                  waited: list[float]) -> Iterator[npt.NDArray[np.uint8]]:
+    """Level 0's tiles, each tile row once its source rows are final (``signal``); between rows, the lower
+    levels' tile rows that became final are encoded ahead."""
+    for j in range(lvl.n_rows):
+        if signal is not None:
+            waited[0] += signal.wait(lvl.rows_needed(j))
+        yield from lvl.tile_row(j)
+        if lower is not None and signal is not None:
+            lower.ahead(signal.done)
+
+
+def _encoder(compression: str, args: dict[str, Any] | None) -> Callable[[npt.NDArray[np.uint8]], bytes]:
+    """The tile encoder tifffile itself uses for ``compression`` (so pre-encoded tiles are the same bytes)."""
+    import tifffile
+
+    if compression == "none":
+        return lambda t: t.tobytes()
+    tag = {"deflate": tifffile.COMPRESSION.ADOBE_DEFLATE, "zstd": tifffile.COMPRESSION.ZSTD,
+           "lzw": tifffile.COMPRESSION.LZW}[compression]
+    fn = tifffile.TIFF.COMPRESSORS[int(tag)]
+    kwargs = args or {}
+    return lambda t: bytes(fn(t, **kwargs))
 
 
 def write_pyramid(
@@ -73,12 +149,15 @@ def write_pyramid(
     tile: int = 512,
     description: str = "",
     signal: RowSignal | None = None,
+    ahead_budget: int = 256 * 2**20,
 ) -> tuple[int, float]:
     """Write ``src`` (H, W[, C]) uint8, resampled to ``size`` (w, h), as a tiled pyramidal TIFF (SubIFDs).
 
     Level k is 2^k times coarser than ``size``; every level is sampled from ``src`` directly (no chain of
     resamplings). The resolution tags give ``mpp`` (µm/px, level 0) in centimetre units, the way tiffslide
-    and OpenSlide-compatible readers read it. Returns (levels, seconds spent waiting for rows).
+    and OpenSlide-compatible readers read it. With ``signal`` (rows still being predicted), the lower levels
+    are encoded ahead as their rows become final, holding up to ``ahead_budget`` bytes. Returns (levels,
+    seconds spent waiting for rows).
     """
     import tifffile
 
@@ -88,9 +167,14 @@ def write_pyramid(
     # masks compress well at any level; zlib's default (6) costs ~5x the CPU of level 1 for ~1.7x smaller
     comp_args = {"level": 1} if compression == "deflate" else None
     sizes = pyramid_sizes(*size, min_size=tile)
+    levels = [_Level(src, scale / 2**k, wh, tile) for k, wh in enumerate(sizes)]
     waited = [0.0]
     bigtiff = size[0] * size[1] * (src.shape[2] if src.ndim == 3 else 1) > 2**31
     extra_shape = src.shape[2:]
+    # ahead-encoding only pays while rows are still arriving; with the whole map at hand tifffile's own
+    # parallel encoder is faster
+    lower = (_Encoded(levels[1:], _encoder(compression, comp_args), ahead_budget)
+             if signal is not None and not extra_shape and len(levels) > 1 else None)
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
         for k, (w, h) in enumerate(sizes):
             opts: dict[str, Any] = {"tile": (tile, tile), "compression": comp, "compressionargs": comp_args,
@@ -105,5 +189,13 @@ def write_pyramid(
                 opts.update(subifds=len(sizes) - 1, description=description, software=f"slideloop {__version__}")
             else:
                 opts.update(subfiletype=1)
-            tw.write(_tiles(src, scale / 2**k, (w, h), tile, signal if k == 0 else None, waited), **opts)
+            data: Iterator[Any]
+            if k == 0:
+                data = _level0_tiles(levels[0], signal, lower, waited)
+            elif lower is not None:
+                data = lower.tiles(k - 1)
+                opts["compressionargs"] = None  # the bytes are already encoded
+            else:
+                data = (t for j in range(levels[k].n_rows) for t in levels[k].tile_row(j))
+            tw.write(data, **opts)
     return len(sizes), waited[0]
