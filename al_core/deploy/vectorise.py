@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import numpy.typing as npt
@@ -42,7 +43,7 @@ def write_geojson(path: str | os.PathLike[str], cmap: npt.NDArray[np.uint8], ds:
     for idx, parts in mask_to_parts(small, scale=scale, background=bg):
         # simplify each connected part on its own (one topology-preserving pass over a MultiPolygon of many
         # parts is quadratic); 4-connected regions meet at corners at most, so they need no union
-        simplified = np.asarray(shapely.simplify(np.array(parts, dtype=object), scale, preserve_topology=True))
+        simplified = _simplify(np.array(parts, dtype=object), scale)
         kept: list[Polygon] = simplified[~shapely.is_empty(simplified)].tolist()
         if not kept:
             continue
@@ -51,6 +52,20 @@ def write_geojson(path: str | os.PathLike[str], cmap: npt.NDArray[np.uint8], ds:
                        c.color if c else "#808080"))
     atomic_write_bytes(path, geojson_bytes(shapes))
     return len(shapes)
+
+
+def _simplify(parts: npt.NDArray[np.object_], tolerance: float) -> npt.NDArray[np.object_]:
+    """Topology-preserving simplification of each part, split over two threads when there are many (GEOS
+    runs without the GIL, and by the time the GeoJSON is the last output left a core is idle)."""
+    import shapely
+
+    def one(chunk: npt.NDArray[np.object_]) -> npt.NDArray[np.object_]:
+        return np.asarray(shapely.simplify(chunk, tolerance, preserve_topology=True))
+
+    if len(parts) < 512:
+        return one(parts)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="slideloop-simplify") as pool:
+        return np.concatenate(list(pool.map(one, np.array_split(parts, 2))))
 
 
 def _without_small(m: npt.NDArray[np.bool_], max_size: int) -> npt.NDArray[np.bool_]:

@@ -36,3 +36,19 @@ def test_geojson_drops_speckle_fills_pinholes_and_keeps_regions(tmp_path):
     feats = {f["properties"]["classification"]["name"]: shape(f["geometry"]) for f in json.loads(path.read_text())["features"]}
     assert feats["Tumour"].area == (32 * 4) ** 2 and not feats["Tumour"].interiors
     assert feats["Stroma"].bounds == (8.0, 176.0, 72.0, 240.0)
+
+
+def test_a_map_of_many_regions_keeps_every_region(tmp_path):
+    # over 512 parts: simplified in two threads; every region must come back once, where it was
+    cmap = np.zeros((240, 240), np.uint8)
+    corners = [(y, x) for y in range(0, 240, 8) for x in range(0, 240, 8)]
+    for y, x in corners:
+        cmap[y + 1:y + 6, x + 1:x + 6] = 1
+    cfg = InferenceConfig(classes=(ClassSpec(0, "Background", "#000000"), ClassSpec(1, "Gland", "#c80000")))
+    path = tmp_path / "many.geojson"
+    assert write_geojson(path, cmap, 2.0, cfg) == 1
+    [feat] = json.loads(path.read_text())["features"]
+    geom = shape(feat["geometry"])
+    assert len(geom.geoms) == len(corners) == 900
+    assert sorted((g.bounds[1], g.bounds[0]) for g in geom.geoms) == [(2.0 * (y + 1), 2.0 * (x + 1)) for y, x in corners]
+    assert all(g.area == 100.0 for g in geom.geoms)
