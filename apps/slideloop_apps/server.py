@@ -21,7 +21,7 @@ import asyncio
 import json
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from tornado.iostream import StreamClosedError
 from traitlets import Int, Unicode
 from traitlets.config import Configurable
 
-from al_core.errors import ProjectError, SlideError, TileRangeError
+from al_core.errors import ProjectError, SlideError, SlideloopError, TileRangeError
 from al_core.project.project import Project
 from al_core.project.runs import FILE_TYPES, check_run_id, load_run
 from al_core.tiles.cache import LRUCache
@@ -67,6 +67,7 @@ class TileService:
                                                thread_name_prefix="slideloop-overlays")
         self._source: TileSource | None = None
         self._lock = threading.Lock()
+        self.warming: list[Future[int]] = []  # the start-up warm-up jobs (see load_extension)
         self._class_maps: dict[str, ClassMapTiles] = {}
         # class-map tiles of runs never change (a run id is never reused): a small cache of their own
         self._class_map_cache = LRUCache(max(1, cache_mb // 4) << 20)
@@ -80,6 +81,25 @@ class TileService:
                                        "--SlideloopTiles.project)")
                 self._source = TileSource(Project.open(self.project_dir), cache_bytes=self.cache_mb << 20)
             return self._source
+
+    def warm(self, kind: str, slides: int = 4) -> int:
+        """Draw the top tile (``kind``: "slide" or "labels") of the first ``slides`` registered slides into the
+        cache, so a first page does not wait for the project to open, the imports and the slide files to open
+        (about a second of a first paint); returns how many it drew. Anything missing (no project yet, a
+        slide file gone) is left for the page to report."""
+        drawn = 0
+        try:
+            src = self.source()
+            for row in src.project.slides()[:slides]:
+                draw = src.slide_tile if kind == "slide" else src.label_tile
+                try:
+                    draw(row.id, 0, 0, 0)
+                    drawn += 1
+                except SlideloopError:
+                    continue
+        except SlideloopError:
+            pass
+        return drawn
 
     async def run(self, fn: Any, *args: Any, overlay: bool = False) -> Any:
         """``fn(*args)``, run on the decoding pool (``overlay``: the overlays' pool) off the event loop."""
@@ -302,6 +322,16 @@ def load_extension(serverapp: Any) -> None:
     base_url = web_app.settings.get("base_url", "/")
     service = TileService(project_dir, config.workers, config.cache_mb)
     web_app.settings[SETTINGS_KEY] = service
+    if project_dir:  # each pool's first thread opens the project and slides now, not on a page's first tiles
+        service.warming = [service.pool.submit(service.warm, "slide"),
+                           service.overlay_pool.submit(service.warm, "labels")]
+
+        def report(job: Future[int]) -> None:
+            if not job.cancelled() and job.exception() is not None:
+                serverapp.log.warning("slideloop: tile warm-up failed: %s", job.exception())
+
+        for job in service.warming:
+            job.add_done_callback(report)
     web_app.add_handlers(".*$", handlers(base_url))
     # kernels inherit the server's environment: this is how the widgets learn the URL prefix (see DESIGN §2)
     os.environ[BASE_URL_ENV] = base_url

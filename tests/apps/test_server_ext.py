@@ -353,3 +353,15 @@ def test_extension_tells_kernels_the_base_url(jp_serverapp: Any, fetch: Fetch, s
     from slideloop_apps.state import server_base_url, tiles_root
 
     assert server_base_url() == jp_base_url and tiles_root() == f"{jp_base_url}slideloop/"
+
+
+def test_the_server_draws_the_top_tiles_before_the_first_page(jp_serverapp: Any, fetch: Fetch) -> None:
+    """Start-up warm-up: the project, the imports and slide 1 are opened on the pools before any request, so a
+    first page's tiles do not wait for them. Slide 2's file is gone: its slide tile is skipped, not fatal."""
+    service = jp_serverapp.web_app.settings[SETTINGS_KEY]
+    assert [job.result(timeout=60) for job in service.warming] == [1, 2]
+    cache = service.source().cache
+    assert cache.get(("slide", 1, 0, 0, 0)) is not None and cache.get(("slide", 2, 0, 0, 0)) is None
+    resp = fetch("slideloop", "tiles", "1", "0", "0", "0.jpeg")
+    assert resp.code == 200 and resp.body == cache.get(("slide", 1, 0, 0, 0))
+    assert fetch("slideloop", "tiles", "2", "0", "0", "0.jpeg").code == 404
